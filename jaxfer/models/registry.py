@@ -1,0 +1,78 @@
+"""Model families by Hugging Face ``model_type``.
+
+Each model family file (``bert.py``, ``vit.py``, ``resnet.py`` ...) registers one
+:class:`Family` per ``model_type`` it serves. ``jaxfer.weights`` looks families up
+here to build the module from a ``config.json`` and to convert checkpoint keys.
+Model code never reads jaxfer configs; it reads the architecture's own HF config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+# A converted checkpoint: {collection: {our/path: array}}, e.g.
+# {"params": {"embeddings/word_embeddings/embedding": ...}, "batch_stats": {...}}
+FlatVariables = dict[str, dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What jaxfer needs to know about one architecture.
+
+    Attributes:
+      model_type: the HF ``config.json`` ``model_type`` (``"bert"``, ``"vit"`` ...).
+      build: HF config (a ``transformers.PretrainedConfig`` or a plain dict) ->
+        ``flax.linen.Module`` backbone (no task head).
+      convert: ``(state_dict, config) -> FlatVariables``; ``state_dict`` maps
+        PyTorch/safetensors key names to numpy arrays (as saved by
+        ``save_pretrained``, any ``base_model_prefix`` already present).
+      dummy_inputs: ``config -> dict`` of example inputs for ``init``.
+      layer_pattern: regex whose first group is the layer index in a param path,
+        used by layer-range masks and layer-wise lr decay.
+      num_layers: ``config -> int``.
+    """
+
+    model_type: str
+    build: Callable[[Any], Any]
+    convert: Callable[[Mapping[str, np.ndarray], Any], FlatVariables]
+    dummy_inputs: Callable[[Any], dict]
+    layer_pattern: str
+    num_layers: Callable[[Any], int]
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    _FAMILIES[family.model_type] = family
+    return family
+
+
+def get(model_type: str) -> Family:
+    _import_builtin_families()
+    try:
+        return _FAMILIES[model_type]
+    except KeyError:
+        known = ", ".join(sorted(_FAMILIES)) or "none"
+        raise KeyError(f"no jaxfer model family for model_type {model_type!r}; known: {known}") from None
+
+
+def known() -> list[str]:
+    _import_builtin_families()
+    return sorted(_FAMILIES)
+
+
+def _import_builtin_families() -> None:
+    # Imported lazily so that `import jaxfer` stays cheap; each module registers itself.
+    import importlib
+
+    for name in ("bert", "vit", "resnet"):
+        try:
+            importlib.import_module(f"jaxfer.models.{name}")
+        except ModuleNotFoundError as e:  # a family not written yet
+            if e.name != f"jaxfer.models.{name}":
+                raise

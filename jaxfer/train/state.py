@@ -1,0 +1,45 @@
+"""The training state: one pytree, so it can be jitted, donated, sharded and saved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes.
+
+    Attributes:
+      step: number of optimizer updates applied so far (int32 scalar).
+      params: the full parameter tree (frozen and trainable leaves alike).
+      opt_state: the optimizer state; frozen subtrees hold none (see ``jaxfer.optim``).
+      rng: a PRNG key, split once per step for dropout and the like.
+      model_state: non-parameter collections such as ``{"batch_stats": ...}``
+        (empty dict when the model has none).
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: optax.OptState
+    rng: jax.Array
+    model_state: PyTree = flax.struct.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array | int = 0,
+               model_state: PyTree | None = None) -> "TrainState":
+        if isinstance(rng, int):
+            rng = jax.random.key(rng)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=rng,
+            model_state={} if model_state is None else model_state,
+        )
