@@ -27,21 +27,31 @@ class Family:
       model_type: the HF ``config.json`` ``model_type`` (``"bert"``, ``"vit"`` ...).
       build: HF config (a ``transformers.PretrainedConfig`` or a plain dict) ->
         ``flax.linen.Module`` backbone (no task head).
-      convert: ``(state_dict, config) -> FlatVariables``; ``state_dict`` maps
-        PyTorch/safetensors key names to numpy arrays (as saved by
-        ``save_pretrained``, any ``base_model_prefix`` already present).
+      convert: ``(state_dict, config) -> (FlatVariables, unused_keys)``;
+        ``state_dict`` maps PyTorch/safetensors key names of the *backbone* to
+        numpy arrays, with the HF ``base_model_prefix`` (``"bert."``) already
+        stripped by the loader; ``unused_keys`` lists the keys no rule of the
+        family's declarative key map consumed (the loader reports them as
+        unexpected). Returned paths have no prefix either.
       dummy_inputs: ``config -> dict`` of example inputs for ``init``.
       layer_pattern: regex whose first group is the layer index in a param path,
         used by layer-range masks and layer-wise lr decay.
       num_layers: ``config -> int``.
+      base_model_prefix: the HF prefix of the backbone in task checkpoints and
+        in our task-model params (``"bert"``, ``"vit"``, ``"resnet"``).
+      default_pooling: how a classification head pools the backbone output by
+        default, matching HF's ``*ForSequence/ImageClassification``: ``"pooler"``
+        (``pooler_output``), ``"cls"`` (``last_hidden_state[:, 0]``) or ``"mean"``.
     """
 
     model_type: str
     build: Callable[[Any], Any]
-    convert: Callable[[Mapping[str, np.ndarray], Any], FlatVariables]
+    convert: Callable[[Mapping[str, np.ndarray], Any], tuple[FlatVariables, list[str]]]
     dummy_inputs: Callable[[Any], dict]
     layer_pattern: str
     num_layers: Callable[[Any], int]
+    base_model_prefix: str = ""
+    default_pooling: str = "pooler"
 
 
 _FAMILIES: dict[str, Family] = {}
