@@ -1,0 +1,122 @@
+"""Recipe files and command-line overrides.
+
+A recipe is a Python file with ``get_config()`` returning an
+``ml_collections.ConfigDict`` (big_vision style); ``get_config`` may take one
+string argument given after a colon: ``configs/x.py:smoke``. Overrides come from
+the command line as ``--config.optim.lr=3e-5``. An override naming a key the
+recipe does not have is an error naming the key and the keys that do exist:
+a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+from collections.abc import Iterable
+
+import ml_collections
+
+PREFIX = "--config."
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """``"path/to/recipe.py[:arg]"`` -> the recipe's ``get_config([arg])``, locked."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"jaxfer_recipe_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"config file {path!r} has no get_config() function")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        config = ml_collections.ConfigDict(config)
+    config.lock()  # adding a key by mistake is an error from here on
+    return config
+
+
+def _parse_value(text: str, current):
+    """Parse ``text`` to the type of ``current`` (Python literal syntax for tuples/lists)."""
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text  # a string where the recipe had no value
+        raise ValueError(f"cannot parse {text!r} as {type(current).__name__}") from None
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ValueError(f"expected {type(current).__name__}, got {text!r}")
+    return value
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_all_keys(value, full + "."))
+    return keys
+
+
+def override(config: ml_collections.ConfigDict, dotted_key: str, text: str) -> None:
+    """Set ``config.<dotted_key>`` from the string ``text``; unknown keys raise."""
+    node = config
+    parts = dotted_key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = _all_keys(config)
+            near = difflib.get_close_matches(dotted_key, known, n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise KeyError(f"unknown config key {dotted_key!r}{hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    try:
+        value = _parse_value(text, current)
+    except ValueError as e:
+        raise ValueError(f"config key {dotted_key!r}: {e}") from None
+    with node.unlocked():
+        node[parts[-1]] = value
+
+
+def split_overrides(argv: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate ``--config.a.b=v`` / ``--config.a.b v`` overrides from other arguments."""
+    rest, overrides = [], []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(PREFIX):
+            key, eq, value = arg[len(PREFIX):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"override {arg} has no value")
+                value = argv[i + 1]
+                i += 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load_with_overrides(spec: str, overrides: Iterable[tuple[str, str]]) -> ml_collections.ConfigDict:
+    config = load(spec)
+    for key, value in overrides:
+        override(config, key, value)
+    return config
