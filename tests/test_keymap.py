@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from jaxfer.weights.keymap import Rule, apply_key_map, batch_norm, conv, generic_rules, strip_prefix
+
+RULES = [
+    Rule(r"emb\.weight", "emb/embedding", "embedding"),
+    Rule(r"(.*)\.LayerNorm\.(?:weight|gamma)", r"\1/LayerNorm/scale", "norm_scale"),
+    Rule(r"(.*)\.position_ids", None),
+    *batch_norm(r"(.*)\.bn", r"\1/norm"),
+    Rule(r"(.*)\.weight", r"\1/kernel", "conv", ndim=4),
+    Rule(r"(.*)\.weight", r"\1/kernel", "linear", ndim=2),
+    Rule(r"(.*)\.bias", r"\1/bias"),
+]
+
+
+def test_apply_key_map_routes_transforms_and_reports_unused():
+    sd = {
+        "emb.weight": np.arange(6.0).reshape(3, 2),
+        "enc.layer.0.dense.weight": np.arange(6.0).reshape(2, 3),
+        "enc.layer.0.dense.bias": np.zeros(2),
+        "enc.LayerNorm.gamma": np.ones(2),
+        "enc.position_ids": np.arange(4),
+        "stem.conv.weight": np.zeros((8, 3, 5, 7)),
+        "stem.bn.weight": np.ones(8), "stem.bn.bias": np.zeros(8),
+        "stem.bn.running_mean": np.full(8, 2.0), "stem.bn.running_var": np.full(8, 3.0),
+        "stem.bn.num_batches_tracked": np.array(5),
+        "mystery": np.zeros(1),
+    }
+    out, unused = apply_key_map(RULES, sd)
+    p, bs = out["params"], out["batch_stats"]
+    assert unused == ["mystery"]
+    np.testing.assert_array_equal(p["enc/layer/0/dense/kernel"], sd["enc.layer.0.dense.weight"].T)
+    assert p["stem/conv/kernel"].shape == (5, 7, 3, 8)
+    assert set(bs) == {"stem/norm/mean", "stem/norm/var"} and bs["stem/norm/var"][0] == 3.0
+    assert "stem/norm/scale" in p and "enc/LayerNorm/scale" in p
+    assert not any("position_ids" in k or "num_batches" in k for k in p)
+
+
+def test_duplicate_target_is_an_error():
+    rules = [Rule(r"(?:a|b)\.weight", "x/kernel", "linear")]
+    with pytest.raises(ValueError, match="both"):
+        apply_key_map(rules, {"a.weight": np.zeros((2, 2)), "b.weight": np.zeros((2, 2))})
+
+
+def test_conv_transform_and_strip_prefix():
+    w = np.random.default_rng(0).normal(size=(4, 3, 2, 5))
+    assert conv(w)[1, 4, 2, 3] == w[3, 2, 1, 4]
+    inner, rest = strip_prefix({"bert.a.weight": 1, "classifier.weight": 2}, "bert")
+    assert inner == {"a.weight": 1} and rest == {"classifier.weight": 2}
+    out, unused = apply_key_map(generic_rules(), {"classifier.1.weight": np.zeros((3, 5))})
+    assert out["params"]["classifier/1/kernel"].shape == (5, 3) and unused == []
