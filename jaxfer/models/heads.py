@@ -1,0 +1,159 @@
+"""Task heads that attach to any backbone, and the :class:`TaskModel` that joins them.
+
+A backbone is any Linen module whose ``__call__`` returns a dict with some of
+``last_hidden_state`` ``(B, T, H)`` (or ``(B, H, W, C)``), ``pooler_output`` and
+``hidden_states``, and takes a ``train`` (or ``deterministic``) keyword.
+A head reads that dict::
+
+    Classifier(num_classes=3)                         # pooling from the family
+    Classifier(num_classes=5, pooling="mean")         # masked mean over tokens
+    TokenClassifier(num_classes=9)                    # per-token logits
+    regressor(1), multi_label(4)                      # same Dense, other losses
+
+``TaskModel(backbone, head, prefix="bert")`` lays params out like HF task models,
+``{"bert": backbone params, "classifier": head params}``, so checkpoints with
+keys ``bert.*`` and ``classifier.*`` load with their head. The head owns
+``kernel``/``bias`` directly (``classifier/kernel``), or under ``dense_name``
+(``classifier/1/kernel`` for HF ResNet's ``Sequential(Flatten, Linear)``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+POOLINGS = ("cls", "mean", "pooler", "tokens")
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+
+
+def pool(outputs: Mapping[str, jax.Array], pooling: str, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Backbone outputs -> features for a head.
+
+    ``"cls"``: ``last_hidden_state[:, 0]``; ``"mean"``: mean of ``last_hidden_state``
+    over tokens weighted by ``attention_mask`` (all tokens when ``None``);
+    ``"pooler"``: ``pooler_output`` flattened to ``(B, -1)``; ``"tokens"``:
+    ``last_hidden_state`` unchanged (token classification).
+    """
+    if pooling == "pooler":
+        if "pooler_output" not in outputs:
+            raise KeyError("pooling='pooler' but the backbone returns no 'pooler_output'")
+        x = outputs["pooler_output"]
+        return x.reshape(x.shape[0], -1)
+    h = outputs["last_hidden_state"]
+    if pooling == "cls":
+        return h[:, 0]
+    if pooling == "tokens":
+        return h
+    if pooling == "mean":
+        if attention_mask is None:
+            return h.mean(axis=1)
+        m = jnp.asarray(attention_mask, h.dtype)[..., None]
+        return (h * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+
+
+class Classifier(nn.Module):
+    """``dropout -> Dense(num_classes)`` on pooled backbone features.
+
+    Attributes:
+      num_classes: outputs (classes, labels, or regression targets).
+      pooling: one of :data:`POOLINGS`; ``None`` takes the family default when
+        built through :func:`jaxfer.weights.load` (``"cls"`` otherwise).
+      dropout_rate: before the Dense, like HF; ``None`` takes the checkpoint
+        config's ``classifier_dropout``/``hidden_dropout_prob`` through ``load``.
+      problem_type: ``"single_label"``, ``"multi_label"`` or ``"regression"``;
+        it changes only :func:`loss`, not the logits.
+      dense_name: nest the Dense under this name (``"1"`` for HF ResNet).
+      init_std: std of the normal kernel init (HF ``initializer_range``); bias 0.
+    """
+
+    num_classes: int
+    pooling: str | None = None
+    dropout_rate: float | None = None
+    problem_type: str = "single_label"
+    dense_name: str | None = None
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, outputs: Mapping[str, jax.Array], attention_mask=None, *, train: bool = False):
+        x = pool(outputs, self.pooling or "cls", attention_mask)
+        x = nn.Dropout(self.dropout_rate or 0.0)(x, deterministic=not train)
+        init = nn.initializers.normal(self.init_std)
+        if self.dense_name is not None:
+            return nn.Dense(self.num_classes, kernel_init=init, name=self.dense_name)(x)
+        kernel = self.param("kernel", init, (x.shape[-1], self.num_classes), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
+        return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class TokenClassifier(Classifier):
+    """Per-token logits ``(B, T, num_classes)`` (HF ``*ForTokenClassification``)."""
+
+    pooling: str | None = "tokens"
+
+
+def regressor(num_outputs: int = 1, **kw) -> Classifier:
+    return Classifier(num_outputs, problem_type="regression", **kw)
+
+
+def multi_label(num_labels: int, **kw) -> Classifier:
+    return Classifier(num_labels, problem_type="multi_label", **kw)
+
+
+def loss(problem_type: str, logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean loss for a head's ``problem_type`` (``mask`` weights examples or tokens).
+
+    single_label: softmax cross-entropy with integer labels; multi_label: sigmoid
+    binary cross-entropy with 0/1 labels; regression: mean squared error.
+    """
+    if problem_type == "single_label":
+        per = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    elif problem_type == "multi_label":
+        per = optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(labels, logits.dtype)).mean(-1)
+    elif problem_type == "regression":
+        labels = jnp.asarray(labels, logits.dtype).reshape(logits.shape)
+        per = ((logits - labels) ** 2).mean(-1)
+    else:
+        raise ValueError(f"unknown problem_type {problem_type!r}; choose one of {PROBLEM_TYPES}")
+    if mask is None:
+        return per.mean()
+    mask = jnp.asarray(mask, per.dtype)
+    return (per * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def train_kwarg(module: nn.Module, train: bool) -> dict[str, bool]:
+    """``{"train": train}`` or ``{"deterministic": not train}``, whichever ``module`` takes."""
+    params = inspect.signature(type(module).__call__).parameters
+    if "train" in params:
+        return {"train": train}
+    if "deterministic" in params:
+        return {"deterministic": not train}
+    return {}
+
+
+class TaskModel(nn.Module):
+    """``backbone`` under ``prefix`` and ``head`` under ``head_name``.
+
+    ``__call__(*args, train=False, **inputs)`` passes everything to the backbone
+    and returns its output dict plus ``logits``; the head sees
+    ``inputs["attention_mask"]`` when given by keyword (for ``"mean"`` pooling).
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+    prefix: str = "bert"
+    head_name: str = "classifier"
+
+    @nn.compact
+    def __call__(self, *args, train: bool = False, **inputs: Any):
+        backbone = self.backbone.clone(parent=self, name=self.prefix)
+        head = self.head.clone(parent=self, name=self.head_name)
+        outputs = dict(backbone(*args, **inputs, **train_kwarg(self.backbone, train)))
+        outputs["logits"] = head(outputs, inputs.get("attention_mask"), **train_kwarg(self.head, train))
+        return outputs
