@@ -231,7 +231,9 @@ def dummy_inputs(config: Any) -> dict:
 
 
 def build(config: Any) -> BertModel:
-    return BertModel(config)
+    """``config.add_pooling_layer = False`` (not a HF field) builds BERT without a pooler,
+    as HF's ``BertFor{TokenClassification,MaskedLM,...}`` checkpoints store it."""
+    return BertModel(config, add_pooling_layer=bool(_cfg(config, "add_pooling_layer", True)))
 
 
 for _type, _prefix in (("bert", "bert"), ("roberta", "roberta")):

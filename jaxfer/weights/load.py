@@ -1,0 +1,223 @@
+"""``load(source, head=...)`` -> :class:`Model`: module, variables, config, report.
+
+Steps: resolve the source (local path or hub id) -> read ``config.json`` ->
+registry family by ``model_type`` -> build the backbone (wrapped with the head
+in a :class:`~jaxfer.models.heads.TaskModel` when ``head`` is given) -> shapes
+of a fresh init via ``jax.eval_shape`` -> read and convert the checkpoint ->
+strict merge (:mod:`jaxfer.weights.merge`).
+
+Heads and task checkpoints. Keys outside the backbone prefix of a task
+checkpoint (``classifier.*`` next to ``bert.*``) are head keys:
+
+* ``head=None``: they are dropped and listed in ``report.dropped`` -- taking the
+  backbone out of a fine-tuned model is the usual first step of transfer, so it
+  is not an error (keys *inside* the backbone that do not fit still are);
+* ``head`` given and the checkpoint has head keys: they are merged strictly, so a
+  1000-class head into a 3-class model fails unless ``reinit=["classifier/**"]``;
+* ``head`` given and the checkpoint has no head keys: the head is initialised
+  afresh and listed in ``report.initialized``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfer import tree
+from jaxfer.models import registry
+from jaxfer.models.heads import TaskModel, train_kwarg
+from jaxfer.weights import merge, readers, sources
+from jaxfer.weights.keymap import apply_key_map, generic_rules, strip_prefix
+
+HEAD_NAME = "classifier"
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: Linen ``module`` + ``variables`` (``{"params": ..., "batch_stats": ...}``).
+
+    ``apply(params, *args, train=False, rngs=None, **inputs)`` runs the module
+    with ``params`` (a params tree, or a full variables dict; ``None``: the loaded
+    ones) and the other loaded collections. For jit:
+    ``jax.jit(model.apply, static_argnames="train")``.
+    """
+
+    module: nn.Module
+    variables: dict[str, Any]
+    config: Any
+    family: registry.Family
+    report: merge.LoadReport
+    source: Path | None = None
+
+    @property
+    def params(self) -> Any:
+        return self.variables["params"]
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Non-parameter collections (``batch_stats`` ...), possibly empty."""
+        return {k: v for k, v in self.variables.items() if k != "params"}
+
+    def dummy_inputs(self) -> dict:
+        return self.family.dummy_inputs(self.config)
+
+    def init_fn(self, rng: jax.Array | int = 0) -> dict[str, Any]:
+        """Fresh random variables for the same module (not the pretrained ones)."""
+        return _init(self.module, self.family, self.config, rng)
+
+    def apply(self, params: Any = None, *args, train: bool = False, rngs: Any = None,
+              mutable: Any = False, **inputs):
+        variables = dict(self.variables)
+        if params is not None:
+            variables.update(params if "params" in params else {"params": params})
+        return self.module.apply(variables, *args, rngs=rngs, mutable=mutable,
+                                 **inputs, **train_kwarg(self.module, train))
+
+    def replace(self, **changes) -> "Model":
+        return dataclasses.replace(self, **changes)
+
+    def tokenizer(self, **kw):
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(str(self._dir()), **kw)
+
+    def processor(self, **kw):
+        import transformers
+
+        return transformers.AutoImageProcessor.from_pretrained(str(self._dir()), **kw)
+
+    def _dir(self) -> Path:
+        if self.source is None:
+            raise ValueError("this model was not loaded from a directory")
+        return self.source if self.source.is_dir() else self.source.parent
+
+
+def _init(module, family, config, rng) -> dict:
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    params_rng, dropout_rng = jax.random.split(rng)
+    inputs = family.dummy_inputs(config)
+    return jax.jit(lambda r, d: module.init({"params": r, "dropout": d}, **inputs,
+                                            **train_kwarg(module, False)))(params_rng, dropout_rng)
+
+
+def _with_defaults(head: nn.Module, family: registry.Family, config: Any) -> nn.Module:
+    """Fill a head's ``pooling=None``/``dropout_rate=None`` from the family and config."""
+    changes = {}
+    if getattr(head, "pooling", "") is None:
+        changes["pooling"] = family.default_pooling
+    if getattr(head, "dropout_rate", 0.0) is None:
+        get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+        rate = get("classifier_dropout", None)
+        changes["dropout_rate"] = float(rate if rate is not None else get("hidden_dropout_prob", 0.0) or 0.0)
+    return head.clone(**changes) if changes else head
+
+
+def _flat(variables: Mapping[str, Mapping[str, Any]], prefix: str = "") -> dict[merge.Key, Any]:
+    pre = prefix + "/" if prefix else ""
+    return {(c, pre + p): v for c, vs in variables.items() for p, v in vs.items()}
+
+
+def _split_ours(variables: Mapping[str, Mapping[str, np.ndarray]], prefix: str):
+    """Our-layout checkpoint -> (backbone flat vars without prefix, head flat vars with paths)."""
+    params = variables.get("params", {})
+    if not prefix or not any(p.startswith(prefix + "/") for p in params):
+        return dict(variables), {}
+    backbone, head = {}, {}
+    for c, vs in variables.items():
+        for p, v in vs.items():
+            if p.startswith(prefix + "/"):
+                backbone.setdefault(c, {})[p[len(prefix) + 1:]] = v
+            else:
+                head.setdefault(c, {})[p] = v
+    return backbone, head
+
+
+def load(source: str | os.PathLike, head: nn.Module | None = None, *,
+         reinit: Sequence[tree.Pattern] = (), ignore: Sequence[tree.Pattern] = (),
+         dtype: Any = None, rng: jax.Array | int = 0, config: Any = None,
+         weights: str | os.PathLike | None = None, revision: str | None = None) -> Model:
+    """Load pretrained weights strictly into a jaxfer model.
+
+    Args:
+      source: local directory (``config.json`` + weights) or Hugging Face Hub id.
+      head: a head module (e.g. ``heads.Classifier(3)``) to attach under
+        ``"classifier"``; the backbone then lives under the family's prefix.
+      reinit: model paths to initialise afresh even if the checkpoint has them
+        (or has them with another shape); each pattern must match something.
+      ignore: checkpoint keys (converted path, or torch name with ``/``) to drop.
+      dtype: cast floating-point variables to this dtype (default: the model's, float32).
+      rng: key or seed for any fresh initialisation.
+      config: override ``config.json`` (HF config or dict with ``model_type``).
+      weights: a weights file or directory other than ``source`` (e.g. orbax).
+    """
+    src = sources.resolve(source, revision=revision)
+    config = sources.read_config(src) if config is None else config
+    family = registry.get(sources.model_type(config))
+    module = family.build(config)
+    prefix = family.base_model_prefix
+    if head is not None:
+        module = TaskModel(module, _with_defaults(head, family, config), prefix=prefix, head_name=HEAD_NAME)
+
+    abstract = jax.eval_shape(lambda: _init(module, family, config, rng))
+    expected = _flat({c: tree.flatten(t) for c, t in abstract.items()})
+
+    ckpt = readers.read(weights if weights is not None else src)
+    unused: list[str] = []
+    converted = 0
+    dropped: dict[str, str] = {}
+    if ckpt.state_dict is not None:
+        inner, rest = strip_prefix(ckpt.state_dict, prefix)
+        backbone, unused = family.convert(inner, config)
+        head_vars, head_unused = apply_key_map(generic_rules(), rest)
+        unused = [f"{prefix}.{k}" if rest else k for k in unused]
+        for k in head_unused:  # foreign head buffers: dropped; our head namespace: strict
+            if k.startswith(HEAD_NAME + ".") and head is not None:
+                unused.append(k)
+            else:
+                dropped[k] = "not part of the model"
+        converted = len(ckpt.state_dict) - len(unused) - len(dropped)
+    else:
+        backbone, head_vars = _split_ours(ckpt.variables, prefix)
+    head_flat = _flat(head_vars)
+    ours = {k: v for k, v in head_flat.items() if head is not None and k[1].startswith(HEAD_NAME + "/")}
+    for k in head_flat.keys() - ours.keys():
+        dropped[merge.show(k)] = "head keys; no head asked for" if head is None else "another head's keys"
+
+    found = _flat(backbone, prefix if head is not None else "")
+    found.update(ours)
+    new = [k for k in expected if k[1].startswith(HEAD_NAME + "/")] if head is not None and not ours else []
+    plan = merge.plan(expected, found, unused, reinit=reinit, ignore=ignore, new=new, source=str(src))
+
+    fresh = _init(module, family, config, rng) if plan.fresh else None
+    fresh_flat = _flat({c: tree.flatten(t) for c, t in fresh.items()}) if fresh else {}
+    report = merge.LoadReport(source=str(src), format=ckpt.format, files=[str(f) for f in ckpt.files],
+                              converted=converted, dropped={**dict(sorted(dropped.items())), **plan.dropped})
+    out: dict[str, dict[str, Any]] = {}
+    for key, want in expected.items():
+        coll, path = key
+        if key in plan.take:
+            value = plan.take[key]
+            report.loaded.append(merge.show(key))
+        else:
+            value = fresh_flat[key]
+            why = plan.fresh[key]
+            if why == "new head":
+                report.initialized.append(merge.show(key))
+            else:
+                report.reinitialized[merge.show(key)] = why
+        target = want.dtype
+        if dtype is not None and jnp.issubdtype(want.dtype, jnp.floating):
+            target = jnp.dtype(dtype)
+        if np.dtype(value.dtype) != np.dtype(target):
+            report.cast[merge.show(key)] = f"{np.dtype(value.dtype).name}->{np.dtype(target).name}"
+        out.setdefault(coll, {})[path] = jnp.asarray(value, dtype=target)
+    variables = {c: tree.unflatten(vs) for c, vs in out.items()}
+    return Model(module=module, variables=variables, config=config, family=family, report=report, source=src)

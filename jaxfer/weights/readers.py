@@ -1,0 +1,221 @@
+"""Checkpoint files -> numpy arrays, one reader per format.
+
+Two kinds of result (:class:`Checkpoint`):
+
+* ``state_dict``: ``{torch name: np.ndarray}`` from ``model.safetensors`` (single or
+  sharded with ``model.safetensors.index.json``) and ``pytorch_model.bin`` (single
+  or sharded); these still need a family key map;
+* ``variables``: ``{collection: {our/path: np.ndarray}}`` from ``flax_model.msgpack``,
+  ``.npz`` (flat path keys) and orbax checkpoint directories: already our layout.
+
+A file that cannot be read raises :class:`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxfer import tree
+
+COLLECTIONS = ("params", "batch_stats")
+ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, truncated or of an unknown format."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    format: str  # "safetensors" | "pytorch" | "msgpack" | "npz" | "orbax"
+    files: list[Path]
+    state_dict: dict[str, np.ndarray] | None = None
+    variables: dict[str, dict[str, np.ndarray]] | None = None
+
+
+# ------------------------------------------------------------------ discovery
+def _is_orbax(path: Path) -> bool:
+    return path.is_dir() and any((path / m).exists() for m in ORBAX_MARKERS)
+
+
+def find(path: str | Path) -> tuple[str, list[Path]]:
+    """The weights format and files at ``path`` (a file, or a model directory)."""
+    path = Path(path)
+    if path.is_file():
+        return _format_of_file(path), _shards(path)
+    if _is_orbax(path):
+        return "orbax", [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    for name in ("model.safetensors.index.json", "model.safetensors", "flax_model.msgpack",
+                 "pytorch_model.bin.index.json", "pytorch_model.bin", "model.npz", "params.npz"):
+        if (path / name).exists():
+            return find(path / name)
+    for sub in ("orbax", "checkpoint", "params"):
+        if _is_orbax(path / sub):
+            return "orbax", [path / sub]
+    found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.npz"))
+    if len(found) == 1:
+        return find(found[0])
+    listing = ", ".join(sorted(p.name for p in path.iterdir())) or "empty"
+    raise CheckpointError(f"{path}: no weights found (looked for safetensors, flax_model.msgpack, "
+                          f"pytorch_model.bin, .npz, orbax); directory holds: {listing}")
+
+
+def _format_of_file(path: Path) -> str:
+    name = path.name
+    if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
+        return "safetensors"
+    if name.endswith(".bin") or name.endswith(".bin.index.json") or name.endswith((".pt", ".pth")):
+        return "pytorch"
+    if name.endswith(".msgpack"):
+        return "msgpack"
+    if name.endswith(".npz"):
+        return "npz"
+    raise CheckpointError(f"{path}: unknown checkpoint format")
+
+
+def _shards(path: Path) -> list[Path]:
+    if not path.name.endswith(".index.json"):
+        return [path]
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a valid shard index ({e})") from e
+    files = [path.parent / f for f in dict.fromkeys(weight_map.values())]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{path}: shard files missing: {', '.join(missing)}")
+    return files
+
+
+# -------------------------------------------------------------------- readers
+def read(path: str | Path) -> Checkpoint:
+    """Read the weights at ``path`` (file or directory) into numpy."""
+    fmt, files = find(path)
+    if fmt == "safetensors":
+        return Checkpoint(fmt, files, state_dict=_merge(read_safetensors(f) for f in files))
+    if fmt == "pytorch":
+        return Checkpoint(fmt, files, state_dict=_merge(read_torch(f) for f in files))
+    if fmt == "msgpack":
+        return Checkpoint(fmt, files, variables=read_msgpack(files[0]))
+    if fmt == "npz":
+        return Checkpoint(fmt, files, variables=read_npz(files[0]))
+    return Checkpoint(fmt, files, variables=read_orbax(files[0]))
+
+
+def _merge(parts) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for part in parts:
+        out.update(part)
+    return out
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(str(path), framework="np") as f:
+            for key in f.keys():
+                try:
+                    out[key] = f.get_tensor(key)
+                except TypeError:  # bfloat16 & co.: numpy has no such dtype, ml_dtypes does
+                    with safe_open(str(path), framework="flax") as g:
+                        out[key] = np.asarray(g.get_tensor(key))
+        return out
+    except Exception as e:  # safetensors raises its own (Rust) error types
+        raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+
+
+def read_torch(path: Path) -> dict[str, np.ndarray]:
+    import torch  # only when a PyTorch checkpoint is actually present
+
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: expected a state_dict mapping, got {type(sd).__name__}")
+    out = {}
+    for key, t in sd.items():
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        out[key] = t.numpy()
+    return out
+
+
+def _as_variables(tree_like: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Nested tree -> ``{collection: {path: array}}``; a bare params tree becomes ``params``."""
+    if "params" in tree_like and set(tree_like) <= set(COLLECTIONS) | {"params"}:
+        return {c: {p: np.asarray(v) for p, v in tree.flatten(t).items()} for c, t in tree_like.items()}
+    return {"params": {p: np.asarray(v) for p, v in tree.flatten(dict(tree_like)).items()}}
+
+
+def read_msgpack(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    from flax import serialization
+
+    try:
+        restored = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable Flax msgpack file (corrupt or truncated?): {e}") from e
+    if not isinstance(restored, Mapping):
+        raise CheckpointError(f"{path}: expected a params mapping, got {type(restored).__name__}")
+    return _as_variables(restored)
+
+
+def read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Flat keys ``collection/our/path`` (as :func:`write_npz` writes) or bare param paths."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            flat = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable .npz file (corrupt or truncated?): {e}") from e
+    if flat and all(k.split("/", 1)[0] in COLLECTIONS and "/" in k for k in flat):
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for k, v in flat.items():
+            coll, p = k.split("/", 1)
+            out.setdefault(coll, {})[p] = v
+        return out
+    return {"params": flat}
+
+
+def read_orbax(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    import orbax.checkpoint as ocp
+
+    try:
+        restored = ocp.StandardCheckpointer().restore(str(Path(path).absolute()))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable orbax checkpoint: {e}") from e
+    return _as_variables(restored)
+
+
+# -------------------------------------------------------------------- writers
+def write_npz(path: str | Path, variables: Mapping[str, Any]) -> Path:
+    """Save ``{collection: tree}`` (or a bare params tree) as flat ``collection/path`` keys."""
+    flat = {f"{c}/{p}": np.asarray(v) for c, vs in _as_variables(variables).items() for p, v in vs.items()}
+    path = Path(path)
+    np.savez(path, **flat)
+    return path if path.suffix == ".npz" else path.with_suffix(".npz")
+
+
+def write_msgpack(path: str | Path, variables: Mapping[str, Any]) -> Path:
+    """Save a params tree (or ``{collection: tree}``) like HF's ``flax_model.msgpack``."""
+    from flax import serialization
+
+    path = Path(path)
+    path.write_bytes(serialization.msgpack_serialize(jax_to_numpy(variables)))
+    return path
+
+
+def jax_to_numpy(t: Any) -> Any:
+    import jax
+
+    return jax.tree_util.tree_map(np.asarray, t)

@@ -1,0 +1,76 @@
+"""Where a checkpoint lives: a local directory (or file), or a Hugging Face Hub id.
+
+Hub ids go through ``huggingface_hub.snapshot_download``, which honours
+``HF_HUB_OFFLINE`` and the local cache. Only one weights format is fetched:
+safetensors if the repo has it, else ``flax_model.msgpack``, else PyTorch ``.bin``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_METADATA = ["*.json", "*.txt", "*.model", "*.tiktoken"]
+_WEIGHTS = [["*.safetensors"], ["flax_model.msgpack"], ["pytorch_model*.bin"]]
+
+
+def _has_weights(d: Path) -> bool:
+    return any(d.glob("*.safetensors")) or (d / "flax_model.msgpack").exists() or any(d.glob("pytorch_model*.bin"))
+
+
+def resolve(source: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local path for ``source``; downloads (or finds in the cache) a hub repo."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if not _REPO_ID.match(text) or text.startswith((".", "/")):
+        raise FileNotFoundError(f"{text}: no such local path (and not a Hugging Face Hub id)")
+    import huggingface_hub
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    local = None
+    try:
+        for weights in _WEIGHTS:
+            local = Path(huggingface_hub.snapshot_download(text, revision=revision,
+                                                           allow_patterns=_METADATA + weights))
+            if _has_weights(local):
+                break
+    except Exception as e:
+        why = ("HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+               if offline else "the Hugging Face Hub could not be reached or has no such repo")
+        raise FileNotFoundError(
+            f"{text!r} is not a local path and could not be fetched: {why}. "
+            f"Pass a local directory, or download it first. ({type(e).__name__}: {e})"
+        ) from e
+    return local
+
+
+def read_config(directory: str | os.PathLike) -> Any:
+    """``config.json`` as a ``transformers`` config (plain dict if transformers cannot parse it)."""
+    directory = Path(directory)
+    if directory.is_file():
+        directory = directory.parent
+    path = directory / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no config.json; pass config= to load()")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if "model_type" not in raw:
+        raise ValueError(f"{path}: has no 'model_type'")
+    try:
+        import transformers
+
+        return transformers.AutoConfig.from_pretrained(str(directory))
+    except (ValueError, KeyError, OSError):
+        return raw
+
+
+def model_type(config: Any) -> str:
+    return config["model_type"] if isinstance(config, dict) else config.model_type
