@@ -1,0 +1,18 @@
+"""Data: sources, splits, per-host shards, tokenisation, image transforms, batching.
+
+Batches are ``dict[str, np.ndarray]`` in host memory with a ``"mask"`` key;
+training iterators are resumable (``get_state`` / ``set_state``), evaluation
+iterators cover every example exactly once. See ``iterators.py`` for the contract.
+"""
+
+from jaxfer.data.image import (IMAGENET_MEAN, IMAGENET_STD, center_crop, image_transform,
+                               mixup, normalize, random_resized_crop_box, resize)
+from jaxfer.data.iterators import EvalBatches, Prefetch, TrainIterator
+from jaxfer.data.pipeline import (SOURCES, make_pipeline, make_source, pipeline,
+                                  process_info, shard, split_source)
+from jaxfer.data.sources import (ArraySource, ImageFolderSource, encode_labels, from_arrays,
+                                 from_records, gather, read_csv, read_image_folder, read_jsonl,
+                                 stack)
+from jaxfer.data.split import local_batch_size, shard_indices, shard_sizes, split_indices
+from jaxfer.data.text import load_tokenizer, tokenize, tokenize_texts
+from jaxfer.data.tfds_source import TfdsSource

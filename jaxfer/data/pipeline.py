@@ -1,0 +1,202 @@
+"""Assembling sources, splits, shards, preprocessing and iterators.
+
+A typical text run::
+
+    src = read_csv("tweets.csv", text="text", label="sentiment")
+    train_src, val_src = split_source(src, (0.9, 0.1), seed=0)
+    train = make_pipeline(train_src, global_batch_size=32, train=True,
+                          tokenizer="path/to/model", max_length=64)
+    val = make_pipeline(val_src, global_batch_size=32, train=False,
+                        tokenizer="path/to/model", max_length=64)
+    batch = next(train)        # {"input_ids", "attention_mask", "token_type_ids",
+                               #  "label", "id", "mask"}, numpy, per-process batch
+
+and an image run::
+
+    src = read_image_folder("flowers/train")      # or TfdsSource("cifar10", "train")
+    train = make_pipeline(src, global_batch_size=64, train=True, image_size=224,
+                          mixup_alpha=0.2, num_classes=len(src.label_names))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxfer.data import image as image_lib
+from jaxfer.data import sources as sources_lib
+from jaxfer.data import text as text_lib
+from jaxfer.data.iterators import EvalBatches, Prefetch, TrainIterator
+from jaxfer.data.split import check_process, local_batch_size, shard_indices, split_indices
+from jaxfer.data.tfds_source import TfdsSource
+
+
+def process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Fill in ``jax.process_index()`` / ``jax.process_count()`` where ``None``."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    check_process(process_index, process_count)
+    return process_index, process_count
+
+
+def shard(source, process_index: int | None = None, process_count: int | None = None):
+    """``(local_source, total)``: this process's strided shard and the full size.
+
+    A source that is already sharded (``TfdsSource`` reads only its own
+    ``even_splits`` part) is returned as is, after checking it was built for the
+    same process layout.
+    """
+    pi, pc = process_info(process_index, process_count)
+    if hasattr(source, "total") and hasattr(source, "process_count"):
+        if (source.process_index, source.process_count) != (pi, pc):
+            raise ValueError(
+                f"source was sharded for process {source.process_index}/{source.process_count}, "
+                f"pipeline runs as {pi}/{pc}"
+            )
+        return source, int(source.total)
+    total = len(source)
+    return (source if pc == 1 else source.select(shard_indices(total, pi, pc))), total
+
+
+def split_source(
+    source, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, seed: int = 0, stratify: bool = True
+) -> tuple[Any, ...]:
+    """Deterministic disjoint splits of a source with ``select`` (arrays, CSV,
+    JSONL, image folders), stratified by ``label`` when it holds class ids."""
+    labels = _class_labels(source) if stratify else None
+    parts = split_indices(len(source), fractions, seed=seed, stratify=labels)
+    return tuple(source.select(p) for p in parts)
+
+
+def _class_labels(source) -> np.ndarray | None:
+    labels = getattr(source, "labels", None)
+    if labels is None and hasattr(source, "columns"):
+        labels = source.columns.get("label")
+    if labels is None or not np.issubdtype(np.asarray(labels).dtype, np.integer):
+        return None
+    return np.asarray(labels)
+
+
+def pipeline(
+    source,
+    *,
+    global_batch_size: int,
+    train: bool,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    map_fn=None,
+    batch_fn=None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    workers: int = 0,
+    prefetch: int = 0,
+):
+    """Shard ``source`` for this process and batch it.
+
+    Training (``train=True``) gives a resumable :class:`TrainIterator` (wrapped in
+    :class:`Prefetch` when ``prefetch > 0``) with ``global_batch_size //
+    process_count`` examples per batch and the same number of steps per epoch on
+    every process. Evaluation gives an :class:`EvalBatches` whose passes cover this
+    process's shard exactly once, with the same number of batches on every process.
+    """
+    pi, pc = process_info(process_index, process_count)
+    bs = local_batch_size(global_batch_size, pc)
+    local, total = shard(source, pi, pc)
+    if train:
+        it = TrainIterator(local, bs, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                           examples_per_epoch=total // pc, map_fn=map_fn,
+                           batch_fn=batch_fn, workers=workers)
+        return Prefetch(it, prefetch) if prefetch else it
+    largest_shard = -(-total // pc)
+    return EvalBatches(local, bs, num_batches=-(-largest_shard // bs), map_fn=map_fn,
+                       seed=seed, workers=workers)
+
+
+SOURCES = {
+    "csv": sources_lib.read_csv,
+    "jsonl": sources_lib.read_jsonl,
+    "arrays": sources_lib.from_arrays,
+    "image_folder": sources_lib.read_image_folder,
+    "tfds": TfdsSource,
+}
+
+
+def make_source(kind: str, **kwargs):
+    """``SOURCES[kind](**kwargs)``: ``csv``/``jsonl`` (path, text, label, task,
+    label_names), ``arrays`` (columns, label), ``image_folder`` (root),
+    ``tfds`` (name, split, process_index, process_count, data_dir)."""
+    if kind not in SOURCES:
+        raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(SOURCES)}")
+    return SOURCES[kind](**kwargs)
+
+
+def make_pipeline(
+    source,
+    *,
+    global_batch_size: int,
+    train: bool,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    tokenizer: Any = None,
+    max_length: int = 128,
+    text: str = "text",
+    text_pair: str | None = None,
+    image_size: int | None = None,
+    image_options: dict | None = None,
+    mixup_alpha: float = 0.0,
+    num_classes: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    workers: int = 0,
+    prefetch: int = 0,
+):
+    """:func:`pipeline` plus the usual preprocessing, chosen by arguments.
+
+    * ``tokenizer`` (object, folder or hub id): tokenise ``text`` (and
+      ``text_pair``) of this process's shard once, to ``max_length``.
+    * ``image_size``: decode ``"image"`` into ``pixel_values`` with
+      :func:`image.image_transform` (training augmentation when ``train``;
+      ``image_options`` are passed through, e.g. ``resize``, ``mean``, ``std``).
+    * ``mixup_alpha > 0`` (training only, needs ``num_classes``): mixup per batch.
+    """
+    pi, pc = process_info(process_index, process_count)
+    local, total = shard(source, pi, pc)
+    if tokenizer is not None:
+        local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair)
+    if local is not source:  # already sharded: keep the full size for step counts
+        local = _Sharded(local, pi, pc, total)
+    map_fn = batch_fn = None
+    if image_size is not None:
+        map_fn = image_lib.image_transform(image_size, train=train, **(image_options or {}))
+    if train and mixup_alpha > 0:
+        if num_classes is None:
+            raise ValueError("mixup needs num_classes")
+        batch_fn = functools.partial(image_lib.mixup, alpha=mixup_alpha, num_classes=num_classes)
+    return pipeline(local, global_batch_size=global_batch_size, train=train, seed=seed,
+                    num_epochs=num_epochs, map_fn=map_fn, batch_fn=batch_fn,
+                    process_index=pi, process_count=pc, workers=workers, prefetch=prefetch)
+
+
+class _Sharded:
+    """A local shard that remembers the process layout and the full size."""
+
+    def __init__(self, local, process_index: int, process_count: int, total: int):
+        self.local, self.total = local, total
+        self.process_index, self.process_count = process_index, process_count
+        self.label_names = getattr(local, "label_names", None)
+
+    def __len__(self):
+        return len(self.local)
+
+    def __getitem__(self, i):
+        return self.local[i]
+
+    def gather(self, indices):
+        return sources_lib.gather(self.local, indices)
