@@ -66,11 +66,6 @@ def conv(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(x, tuple(range(2, x.ndim)) + (1, 0)))
 
 
-def conv_transpose_back(x: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`conv` (our kernel -> torch ``OIHW``), for export."""
-    return np.ascontiguousarray(np.transpose(x, (x.ndim - 1, x.ndim - 2) + tuple(range(x.ndim - 2))))
-
-
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "identity": identity,
     "linear": linear,

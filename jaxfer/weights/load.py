@@ -183,7 +183,7 @@ def load(source: str | os.PathLike, head: nn.Module | None = None, *,
                 unused.append(k)
             else:
                 dropped[k] = "not part of the model"
-        converted = len(ckpt.state_dict) - len(unused) - len(dropped)
+        converted = sum(len(vs) for part in (backbone, head_vars) for vs in part.values())
     else:
         backbone, head_vars = _split_ours(ckpt.variables, prefix)
     head_flat = _flat(head_vars)
