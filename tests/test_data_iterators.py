@@ -166,3 +166,30 @@ def test_split_source_keeps_label_vocabulary():
     assert train.label_names == val.label_names == ("a", "b")
     assert len(train) == len(val) == 10
     assert np.bincount(train.columns["label"]).tolist() == [5, 5]
+
+
+def test_make_pipeline_multihost_eval_covers_and_train_is_resumable():
+    src = _source(21)
+    evals = [data.make_pipeline(src, global_batch_size=4, train=False, process_index=p,
+                                process_count=2) for p in range(2)]
+    assert len(evals[0]) == len(evals[1]) == 6  # ceil(ceil(21 / 2) / 2)
+    ids = [int(i) for ev in evals for b in ev for i, m in zip(b["id"], b["mask"]) if m]
+    assert sorted(ids) == list(range(21))
+    trains = [data.make_pipeline(src, global_batch_size=4, train=True, seed=1, process_index=p,
+                                 process_count=2, prefetch=2) for p in range(2)]
+    assert trains[0].iterator.steps_per_epoch == trains[1].iterator.steps_per_epoch == 5
+    _take(trains[0], 3)
+    state = trains[0].get_state()
+    expected = _take(trains[0], 4)
+    fresh = data.make_pipeline(src, global_batch_size=4, train=True, seed=1, process_index=0,
+                               process_count=2)
+    fresh.set_state(state)
+    _same(_take(fresh, 4), expected)
+
+
+def test_make_source_by_kind(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    src = data.make_source("jsonl", path=tmp_path / "d.jsonl")
+    assert src.label_names == ("x", "y") and len(src) == 2
+    with pytest.raises(ValueError, match="unknown source kind"):
+        data.make_source("parquet", path="x")
