@@ -35,7 +35,7 @@ def maxdiff(ours, ref):
 
 
 def numpy_state_dict(model):
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # no aliasing
 
 
 def variables(flat):
