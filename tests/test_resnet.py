@@ -170,3 +170,21 @@ def test_family_registration():
     stages = {int(m.group(1)) for p in tree.paths(v["params"]) if (m := re.search(fam.layer_pattern, p))}
     assert stages == {0, 1}
     assert tree.paths(v["batch_stats"])[0].endswith("/mean")
+
+
+def test_grey_input_through_adapted_stem_matches_rgb():
+    """``surgery.adapt_input_channels`` on the stem kernel: a 1-channel image gives what the
+    3-channel model gives on the same image repeated (the conv infers channels from the input)."""
+    from jaxfer.weights import surgery
+
+    torch.manual_seed(5)
+    ref_model = with_running_stats(transformers.ResNetModel(tiny_config("basic")))
+    flat, _ = resnet.convert(numpy_state_dict(ref_model), ref_model.config)
+    v = variables(flat)
+    grey_params, op = surgery.adapt_input_channels(v["params"], "embedder/embedder/convolution/kernel", 1)
+    assert tuple(op.after) == (7, 7, 1, 8)
+    grey = pixels()[:, :1]
+    module = resnet.build(ref_model.config)
+    a = module.apply({**v, "params": grey_params}, grey)["pooler_output"]
+    b = module.apply(v, np.repeat(grey, 3, axis=1))["pooler_output"]
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -163,3 +163,16 @@ def test_family_registration_and_dict_config(torch_base):
     want = fam.build(torch_base.config).apply(variables(flat), x)["pooler_output"]
     got = fam.build({**TINY, "model_type": "vit"}).apply(variables(flat), x)["pooler_output"]
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_resized_position_table_takes_larger_images(torch_base):
+    """After the surgery op resizes the table, the model runs at the new size (shape from the input)."""
+    from jaxfer.weights import surgery
+
+    flat, _ = vit.convert(numpy_state_dict(torch_base), torch_base.config)
+    params, op = surgery.resize_position_embeddings(tree.unflatten(flat["params"]),
+                                                    "embeddings/position_embeddings", 6)
+    assert tuple(op.after) == (1, 1 + 36, 32)
+    out = vit.build(torch_base.config).apply({"params": params}, pixels(size=48))
+    assert out["last_hidden_state"].shape == (2, 37, 32)
+    assert np.isfinite(np.asarray(out["pooler_output"])).all()
