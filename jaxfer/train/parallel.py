@@ -64,32 +64,47 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
     return P(*spec)
 
 
-def param_specs(params: PyTree, mesh: Mesh, rules=DEFAULT_RULES, *, min_fsdp_size: int = 2**14) -> PyTree:
-    """A ``PartitionSpec`` per leaf of ``params`` (which may be abstract), by path rules."""
-    compiled = [(tree.compile_pattern(p), v) for p, v in rules]
-    used = [False] * len(compiled)
-    fsdp_size = mesh.shape[FSDP]
+class ShardingRules:
+    """Path rules -> a ``PartitionSpec`` for one leaf, given its path and shape.
 
-    def spec_for(path: str, leaf) -> P:
-        for i, (rx, value) in enumerate(compiled):
+    Used leaf by leaf when loading straight into the sharded layout, and over a
+    whole tree by :func:`param_specs`.
+    """
+
+    def __init__(self, mesh: Mesh, rules=DEFAULT_RULES, *, min_fsdp_size: int = 2**14):
+        self.mesh, self.rules, self.min_fsdp_size = mesh, tuple(rules), min_fsdp_size
+        self._compiled = [(tree.compile_pattern(p), v) for p, v in self.rules]
+        self.used = [False] * len(self._compiled)
+
+    def spec(self, path: str, shape: tuple[int, ...]) -> P:
+        for i, (rx, value) in enumerate(self._compiled):
             if rx.fullmatch(path):
-                used[i] = True
-                shape = tuple(np.shape(leaf))
+                self.used[i] = True
                 if isinstance(value, P):
-                    _check_divisible(path, shape, value, mesh)
+                    _check_divisible(path, shape, value, self.mesh)
                     return value
                 if value == "fsdp":
-                    return _fsdp_spec(shape, fsdp_size, min_fsdp_size)
+                    return _fsdp_spec(shape, self.mesh.shape[FSDP], self.min_fsdp_size)
                 if value in ("replicate", None):
                     return P()
                 raise ValueError(f"sharding rule value {value!r} for {path!r}: use 'fsdp', "
                                  "'replicate' or a PartitionSpec")
         raise ValueError(f"no sharding rule matches parameter {path!r}; end the rules with ('**', ...)")
 
-    specs = tree.map_with_path(spec_for, params)
-    for (pattern, _), hit in zip(rules, used):
-        if not hit:
-            raise tree.NoMatchError(pattern, tree.paths(params), what="sharding rule")
+    def sharding(self, path: str, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(path, tuple(shape)))
+
+    def check_all_used(self, paths) -> None:
+        for (pattern, _), hit in zip(self.rules, self.used):
+            if not hit:
+                raise tree.NoMatchError(pattern, paths, what="sharding rule")
+
+
+def param_specs(params: PyTree, mesh: Mesh, rules=DEFAULT_RULES, *, min_fsdp_size: int = 2**14) -> PyTree:
+    """A ``PartitionSpec`` per leaf of ``params`` (which may be abstract), by path rules."""
+    engine = ShardingRules(mesh, rules, min_fsdp_size=min_fsdp_size)
+    specs = tree.map_with_path(lambda path, leaf: engine.spec(path, tuple(np.shape(leaf))), params)
+    engine.check_all_used(tree.paths(params))
     return specs
 
 
@@ -165,3 +180,173 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------ strategies
+class Strategy:
+    """How a run places its state and batches and compiles its steps.
+
+    ``JitStrategy`` (the default) is one ``jax.jit`` over a ``(data, fsdp)``
+    mesh; ``PmapStrategy`` is the classic ``jax.pmap`` with replicated state.
+    Both give the same parameters after the same steps (tests/test_parallel.py).
+    """
+
+    @staticmethod
+    def from_config(mesh_cfg, mesh: Mesh) -> "Strategy":
+        kind = mesh_cfg.get("strategy", "jit")
+        rules = tuple(tuple(r) for r in (mesh_cfg.get("rules") or DEFAULT_RULES))
+        if kind == "jit":
+            return JitStrategy(mesh, rules, min_fsdp_size=mesh_cfg.get("min_fsdp_size", 2**14))
+        if kind == "pmap":
+            return PmapStrategy()
+        raise ValueError(f"unknown mesh.strategy {kind!r}; choose 'jit' or 'pmap'")
+
+
+class JitStrategy(Strategy):
+    def __init__(self, mesh: Mesh, rules=DEFAULT_RULES, *, min_fsdp_size: int = 2**14):
+        self.mesh, self.rules, self.min_fsdp_size = mesh, rules, min_fsdp_size
+        self.state_sharding = None
+
+    def param_placer(self, cfg=None):
+        """``place(collection, path, value, dtype)`` for ``jaxfer.load``: each
+        converted leaf goes straight to its shard, never whole onto one device."""
+        engine = ShardingRules(self.mesh, self.rules, min_fsdp_size=self.min_fsdp_size)
+        replicated = NamedSharding(self.mesh, P())
+
+        def place(collection: str, path: str, value, dtype):
+            value = np.asarray(value, dtype)
+            sharding = engine.sharding(path, value.shape) if collection == "params" else replicated
+            if jax.process_count() == 1:
+                return jax.device_put(value, sharding)
+            return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+        return place
+
+    def place_state(self, state):
+        self.state_sharding = state_shardings(state, self.mesh, self.rules,
+                                              min_fsdp_size=self.min_fsdp_size)
+        if jax.process_count() == 1:
+            return jax.device_put(state, self.state_sharding)
+        state = jax.tree_util.tree_map(_global_from_host, state, self.state_sharding)
+        # leaves already global (loaded sharded) may sit on another layout: reshard
+        return jax.jit(lambda s: s, out_shardings=self.state_sharding)(state)
+
+    def train_step(self, apply_fn, loss_fn, tx, trainable, *, state=None, **kw):
+        from jaxfer.train import step as step_lib
+
+        return step_lib.make_train_step(apply_fn, loss_fn, tx, trainable,
+                                        state_sharding=self.state_sharding,
+                                        batch_sharding=batch_sharding(self.mesh), **kw)
+
+    def eval_step(self, apply_fn, loss_fn, **kw):
+        from jaxfer.train import step as step_lib
+
+        return step_lib.make_eval_step(apply_fn, loss_fn, **kw)
+
+    def shard_batch(self, batch):
+        return shard_batch(batch, self.mesh)
+
+    def wrap_checkpointer(self, checkpointer):
+        return checkpointer
+
+
+def _global_from_host(x, sharding):
+    """A leaf every process holds in full -> a global array on ``sharding``."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            impl = jax.random.key_impl(x)
+            arr = jax.make_array_from_callback(data.shape, NamedSharding(sharding.mesh, P()),
+                                               lambda idx: data[idx])
+            return jax.random.wrap_key_data(arr, impl=impl)
+        x = np.asarray(x)
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return x
+
+
+AXIS = "batch"
+
+
+class PmapStrategy(Strategy):
+    """Replicated state, ``jax.pmap`` steps, gradients summed with ``lax.psum``.
+
+    For code that expects pmap; single process only (use ``strategy="jit"`` on
+    several hosts). Checkpoints hold one copy of the state, so a pmap run can be
+    resumed by a jit run and back.
+    """
+
+    def __init__(self, devices: Sequence[jax.Device] | None = None):
+        if jax.process_count() > 1:
+            raise NotImplementedError("strategy='pmap' runs on one process; use strategy='jit' "
+                                      "(the default) for multi-host runs")
+        self.devices = list(devices or jax.local_devices())
+        self.n = len(self.devices)
+
+    def param_placer(self, cfg=None):
+        return None
+
+    def place_state(self, state):
+        return replicate(state, self.devices)
+
+    def train_step(self, apply_fn, loss_fn, tx, trainable, *, state=None, **kw):
+        from jaxfer.train import step as step_lib
+
+        inner = step_lib.make_train_step(apply_fn, loss_fn, tx, trainable, axis_name=AXIS,
+                                         jit=False, **kw)
+        pstep = jax.pmap(inner, axis_name=AXIS, devices=self.devices, donate_argnums=0)
+
+        def step(state, batch):
+            state, metrics = pstep(state, batch)
+            return state, jax.tree_util.tree_map(lambda m: m[0], metrics)
+
+        return step
+
+    def eval_step(self, apply_fn, loss_fn, **kw):
+        from jaxfer.train import step as step_lib
+
+        pstep = jax.pmap(step_lib.make_eval_step(apply_fn, loss_fn, jit=False, **kw),
+                         axis_name=AXIS, devices=self.devices)
+
+        def step(state, batch):
+            out = pstep(state, batch)
+            return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+        return step
+
+    def shard_batch(self, batch):
+        """``[B, ...]`` -> ``[devices, B / devices, ...]``."""
+        first = np.shape(next(iter(batch.values())))[0]
+        if first % self.n:
+            raise ValueError(f"batch size {first} does not divide over the {self.n} devices of "
+                             f"the pmap strategy; use a multiple of {self.n}")
+        return {k: np.reshape(v, (self.n, first // self.n, *np.shape(v)[1:])) for k, v in batch.items()}
+
+    def wrap_checkpointer(self, checkpointer):
+        return _UnreplicatedCheckpointer(checkpointer, self.devices)
+
+
+def replicate(tree_: PyTree, devices: Sequence[jax.Device]) -> PyTree:
+    return jax.device_put_replicated(tree_, list(devices))
+
+
+def unreplicate(tree_: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: x[0], tree_)
+
+
+class _UnreplicatedCheckpointer:
+    """Saves one copy of a replicated (pmap) state; restores and re-replicates."""
+
+    def __init__(self, inner, devices):
+        self.inner, self.devices = inner, devices
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def save(self, step, state, **kw):
+        return self.inner.save(step, unreplicate(state), **kw)
+
+    def restore(self, template, *args, **kw):
+        state, *rest = self.inner.restore(unreplicate(template), *args, **kw)
+        return (replicate(state, self.devices), *rest)

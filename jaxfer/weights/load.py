@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,8 @@ def _split_ours(variables: Mapping[str, Mapping[str, np.ndarray]], prefix: str):
 def load(source: str | os.PathLike, head: nn.Module | None = None, *,
          reinit: Sequence[tree.Pattern] = (), ignore: Sequence[tree.Pattern] = (),
          dtype: Any = None, rng: jax.Array | int = 0, config: Any = None,
-         weights: str | os.PathLike | None = None, revision: str | None = None) -> Model:
+         weights: str | os.PathLike | None = None, revision: str | None = None,
+         place: Callable[[str, str, Any, Any], jax.Array] | None = None) -> Model:
     """Load pretrained weights strictly into a jaxfer model.
 
     Args:
@@ -157,6 +158,10 @@ def load(source: str | os.PathLike, head: nn.Module | None = None, *,
       rng: key or seed for any fresh initialisation.
       config: override ``config.json`` (HF config or dict with ``model_type``).
       weights: a weights file or directory other than ``source`` (e.g. orbax).
+      place: ``place(collection, path, value, dtype) -> jax.Array`` puts each
+        leaf where it belongs (e.g. its shard on a mesh, see
+        ``jaxfer.train.parallel.JitStrategy.param_placer``) instead of whole on
+        the default device, so a model larger than one device loads sharded.
     """
     src = sources.resolve(source, revision=revision)
     config = sources.read_config(src) if config is None else config
@@ -218,6 +223,7 @@ def load(source: str | os.PathLike, head: nn.Module | None = None, *,
             target = jnp.dtype(dtype)
         if np.dtype(value.dtype) != np.dtype(target):
             report.cast[merge.show(key)] = f"{np.dtype(value.dtype).name}->{np.dtype(target).name}"
-        out.setdefault(coll, {})[path] = jnp.asarray(value, dtype=target)
+        out.setdefault(coll, {})[path] = (jnp.asarray(value, dtype=target) if place is None
+                                          else place(coll, path, value, target))
     variables = {c: tree.unflatten(vs) for c, vs in out.items()}
     return Model(module=module, variables=variables, config=config, family=family, report=report, source=src)

@@ -1,0 +1,101 @@
+"""``jaxfer train|eval|predict|inspect --config configs/x.py[:arg] [--config.a.b=v ...]``.
+
+Every host of a multi-host run executes the same command. ``jax.distributed``
+is initialised when the run spans several processes: detected on TPU pods and
+SLURM/Open MPI clusters (JAX's own auto-detection, or ``--distributed``), or
+given explicitly with ``--coordinator HOST:PORT --num_processes N
+--process_id I``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from jaxfer import config as config_lib
+
+COMMANDS = ("train", "eval", "predict", "inspect")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxfer", description="Fine-tune pretrained models in JAX from a recipe file.",
+        epilog="Any recipe value can be overridden: --config.optim.lr=3e-5")
+    p.add_argument("command", choices=COMMANDS)
+    p.add_argument("--config", required=True, help="recipe file, optionally with ':arg'")
+    p.add_argument("--workdir", default=None,
+                   help="checkpoints, metrics and plots go here; a workdir with a checkpoint is resumed")
+    p.add_argument("--text", action="append", default=[], help="(predict) a text to classify; repeatable")
+    p.add_argument("--split", default="test", choices=("test", "validation"), help="(eval) which split")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    g = p.add_argument_group("multi-host (jax.distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with the cluster's auto-detected settings")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    g.add_argument("--num_processes", type=int, default=None)
+    g.add_argument("--process_id", type=int, default=None)
+    g.add_argument("--local_device_ids", default=None, help="comma-separated device ids of this process")
+    return p
+
+
+def _auto_cluster() -> bool:
+    """On a TPU pod slice / SLURM / Open MPI job of several processes."""
+    env = os.environ
+    if env.get("SLURM_NTASKS", "1") not in ("", "1") and "SLURM_PROCID" in env:
+        return True
+    if env.get("OMPI_COMM_WORLD_SIZE", "1") not in ("", "1"):
+        return True
+    return bool(env.get("TPU_WORKER_HOSTNAMES", "").count(","))
+
+
+def init_distributed(args) -> None:
+    import jax
+
+    explicit = args.coordinator is not None or args.num_processes is not None
+    if explicit:
+        missing = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f) is None]
+        if missing:
+            raise SystemExit(f"jaxfer: multi-host flags need all of --coordinator, --num_processes, "
+                             f"--process_id; missing {', '.join('--' + m for m in missing)}")
+        ids = ([int(i) for i in args.local_device_ids.split(",")] if args.local_device_ids else None)
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id, local_device_ids=ids)
+    elif args.distributed or _auto_cluster():
+        jax.distributed.initialize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rest, overrides = config_lib.split_overrides(argv)
+    args = _parser().parse_args(rest)
+    try:
+        cfg = config_lib.load_with_overrides(args.config, overrides)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"jaxfer: {e.args[0] if e.args else e}") from None
+    init_distributed(args)
+
+    from jaxfer import experiment
+
+    if args.command == "train":
+        if args.workdir:
+            os.makedirs(args.workdir, exist_ok=True)
+        experiment.train(cfg, args.workdir, progress=not args.no_progress)
+    elif args.command == "eval":
+        if not args.workdir:
+            raise SystemExit("jaxfer eval: --workdir (the run to evaluate) is required")
+        result = experiment.evaluate(cfg, args.workdir, args.split)
+        print(json.dumps(experiment._jsonable(result), indent=1))
+    elif args.command == "predict":
+        if not args.text:
+            raise SystemExit("jaxfer predict: give at least one --text")
+        for row in experiment.predict_texts(cfg, args.workdir, args.text):
+            print(json.dumps(row))
+    elif args.command == "inspect":
+        print(experiment.explain(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

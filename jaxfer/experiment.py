@@ -1,0 +1,311 @@
+"""A recipe, run: config -> model -> data -> rules/optimizer -> step -> fit -> report.
+
+This is the one place where a config becomes objects; everything it calls is a
+library function a user can also call directly (see the README's API tour). The
+config layout is the one ``configs/minilm_tweets.py`` documents: ``model``,
+``data``, ``rules``, ``optim``, ``train``, ``mesh``.
+
+Restart precedence, fixed: a workdir that holds a checkpoint is resumed; else
+the model starts from ``model.source`` (pretrained weights; ``reinit`` names the
+parts initialised afresh); a model is never silently trained from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxfer import masks, metrics, optim, tree
+from jaxfer.data import pipeline as pipeline_lib
+from jaxfer.data import sources as sources_lib
+from jaxfer.models import heads
+from jaxfer.train import checkpoint as checkpoint_lib
+from jaxfer.train import loop, losses, parallel, step as step_lib
+from jaxfer.train.state import TrainState
+from jaxfer.weights import load as load_lib
+
+PROBLEM_TYPE = {"classification": "single_label", "multi_label": "multi_label",
+                "regression": "single_label"}
+
+
+# ------------------------------------------------------------------- model
+def head_for(cfg) -> heads.Classifier:
+    m = cfg.model
+    problem = {"classification": "single_label", "multi_label": "multi_label",
+               "regression": "regression"}[cfg.task]
+    return heads.Classifier(num_classes=m.num_classes, pooling=m.get("pooling") or None,
+                            dropout_rate=m.get("head_dropout", None), problem_type=problem)
+
+
+def build_model(cfg, *, place=None) -> load_lib.Model:
+    """``jaxfer.load(model.source, head=Classifier(...), reinit=model.reinit)``."""
+    return load_lib.load(cfg.model.source, head=head_for(cfg), reinit=tuple(cfg.model.reinit),
+                         rng=cfg.seed, place=place)
+
+
+def layer_index_fn(model: load_lib.Model):
+    """``path -> layer index | None`` from the model family's layer pattern."""
+    rx = re.compile(model.family.layer_pattern)
+
+    def index(path: str) -> int | None:
+        m = rx.search(path)
+        return int(m.group(1)) if m else None
+
+    return index
+
+
+# -------------------------------------------------------------------- data
+@dataclasses.dataclass
+class Data:
+    train: Any          # resumable iterator of per-process batches
+    validation: Any     # re-iterable padded batches (maybe a subset)
+    test: Any           # re-iterable padded batches, every example
+    label_names: tuple[str, ...] | None
+    train_labels: np.ndarray | None
+    test_labels: np.ndarray | None
+    sizes: dict[str, int]
+
+
+def dedupe_by(source, column: str):
+    """Keep the first example of each distinct ``column`` value (retweets repeat)."""
+    _, first = np.unique(source.columns[column].astype(str), return_index=True)
+    return source.select(np.sort(first))
+
+
+def _sources(cfg):
+    d = cfg.data
+    if d.kind in ("csv", "jsonl"):
+        read = sources_lib.read_csv if d.kind == "csv" else sources_lib.read_jsonl
+        if not d.path or not os.path.exists(d.path):
+            raise FileNotFoundError(f"data.path {d.path!r} does not exist (data.kind={d.kind!r})")
+        task = "regression" if cfg.task == "regression" else "classification"
+        src = read(d.path, text=d.text, label=d.label, task=task,
+                   label_names=tuple(d.label_names) if d.get("label_names") else None)
+        if d.get("dedupe"):
+            src = dedupe_by(src, d.text)
+        return pipeline_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
+    if d.kind == "image_folder":
+        src = sources_lib.read_image_folder(d.path)
+        return pipeline_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
+    if d.kind == "tfds":
+        # each process reads only its own even_splits part of each split
+        return tuple(pipeline_lib.TfdsSource(d.name, split, data_dir=d.get("data_dir") or None,
+                                             download=d.get("download", True))
+                     for split in d.splits)
+    raise ValueError(f"unknown data.kind {d.kind!r}; choose csv, jsonl, image_folder or tfds")
+
+
+def _labels(source) -> np.ndarray | None:
+    if hasattr(source, "columns"):
+        return source.columns.get("label")
+    return getattr(source, "labels", None)
+
+
+def build_data(cfg, model: load_lib.Model) -> Data:
+    d = cfg.data
+    train_src, val_src, test_src = _sources(cfg)
+    sizes = {"train": getattr(train_src, "total", len(train_src)),
+             "validation": getattr(val_src, "total", len(val_src)),
+             "test": getattr(test_src, "total", len(test_src))}
+    if d.get("max_eval_examples") and d.kind != "tfds" and len(val_src) > d.max_eval_examples:
+        val_src = val_src.select(np.arange(d.max_eval_examples))
+    common: dict[str, Any] = {"seed": cfg.seed}
+    if d.kind in ("csv", "jsonl"):
+        tok = model.tokenizer()
+        common.update(tokenizer=tok, max_length=d.max_length, text=d.text)
+    else:
+        common.update(image_size=d.image_size,
+                      image_options=dict(d.get("image_options", {}) or {}))
+    train = pipeline_lib.make_pipeline(train_src, global_batch_size=d.batch_size, train=True,
+                                       mixup_alpha=d.get("mixup_alpha", 0.0),
+                                       num_classes=cfg.model.num_classes, **common)
+    val = pipeline_lib.make_pipeline(val_src, global_batch_size=d.eval_batch_size, train=False, **common)
+    test = pipeline_lib.make_pipeline(test_src, global_batch_size=d.eval_batch_size, train=False, **common)
+    names = getattr(train_src, "label_names", None) or (tuple(d.label_names) if d.get("label_names") else None)
+    return Data(train, val, test, tuple(names) if names else None, _labels(train_src),
+                _labels(test_src), sizes)
+
+
+# ---------------------------------------------------------------- training
+def trainable_mask(cfg, params) -> Any:
+    return masks.trainable_mask(params, _rules(cfg))
+
+
+def _rules(cfg) -> list[tuple[str, Any]]:
+    return [(p, v) for p, v in cfg.rules]
+
+
+def build_optimizer(cfg, model: load_lib.Model):
+    num_layers = model.family.num_layers(model.config)
+    return optim.from_config(cfg.optim, _rules(cfg), total_steps=cfg.train.steps,
+                             num_layers=num_layers, layer_pattern=layer_index_fn(model))
+
+
+def explain(cfg, model: load_lib.Model | None = None) -> masks.Table:
+    """The table ``jaxfer inspect`` prints: what trains, at which lr, and why."""
+    model = model if model is not None else build_model(cfg)
+    decay = cfg.optim.get("layer_decay") or None
+    return masks.explain(model.params, _rules(cfg),
+                         weight_decay_mask=masks.default_weight_decay_mask(model.params)
+                         if cfg.optim.get("weight_decay") else None,
+                         layer_decay=decay,
+                         num_layers=model.family.num_layers(model.config) if decay else None,
+                         layer_pattern=layer_index_fn(model) if decay else None)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a recipe builds before the first step."""
+    cfg: Any
+    model: load_lib.Model
+    data: Data
+    state: Any
+    train_step: Any
+    eval_step: Any
+    checkpointer: checkpoint_lib.Checkpointer | None
+    shard_batch: Any
+    trainable: Any
+    strategy: Any
+
+
+def setup(cfg, workdir: str | None) -> Run:
+    mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    parallel.check_batch_size(cfg.data.batch_size, mesh)
+    parallel.check_batch_size(cfg.data.eval_batch_size, mesh)
+    strategy = parallel.Strategy.from_config(cfg.mesh, mesh)
+    model = build_model(cfg, place=strategy.param_placer(cfg))
+    data = build_data(cfg, model)
+    tx, schedule = build_optimizer(cfg, model)
+    trainable = trainable_mask(cfg, model.params)
+    state = TrainState.create(model.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state)
+    loss_fn = losses.for_problem_type(head_for(cfg).problem_type)
+    apply_fn = step_lib.model_apply(model)
+    state = strategy.place_state(state)
+    train_step = strategy.train_step(apply_fn, loss_fn, tx, trainable,
+                                     micro_batches=cfg.optim.get("accumulate", 1) or 1,
+                                     lr_schedule=schedule, state=state)
+    eval_step = strategy.eval_step(apply_fn, loss_fn)
+    ckpt = None
+    if workdir:
+        ckpt = checkpoint_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), keep=cfg.train.keep, keep_best=cfg.train.keep_best,
+            best_metric=cfg.train.best_metric, best_mode=cfg.train.get("best_mode", "max"),
+            trainable=trainable if cfg.train.trainable_only_checkpoints else None)
+        ckpt = strategy.wrap_checkpointer(ckpt)
+    return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,
+               trainable, strategy)
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Run a recipe to the end and report validation/test metrics and the baseline."""
+    t0 = time.time()
+    run = setup(cfg, workdir)
+    _log(run.model.report.summary() if hasattr(run.model.report, "summary") else str(run.model.report))
+    table = explain(cfg, run.model)
+    _log(table.summary() if hasattr(table, "summary") else str(table))
+    _log(f"data: {run.data.sizes}")
+    state, history = loop.fit(
+        run.state, run.train_step, run.data.train, steps=cfg.train.steps,
+        eval_step=run.eval_step, eval_batches=run.data.validation,
+        eval_every=cfg.train.eval_every, task=cfg.task, label_names=run.data.label_names,
+        workdir=workdir, checkpointer=run.checkpointer, checkpoint_every=cfg.train.checkpoint_every,
+        log_every=cfg.train.log_every, best_metric=cfg.train.best_metric,
+        best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
+        config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress)
+    if run.checkpointer is not None and cfg.train.get("test_with_best", True) and run.checkpointer.best_step() is not None:
+        state, _, _ = run.checkpointer.restore(state, best=True)
+    test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
+                         label_names=run.data.label_names, shard_batch=run.shard_batch)
+    result = {"test": test, "seconds": time.time() - t0, "steps": int(jax.device_get(_step(state)))}
+    if cfg.task == "classification" and run.data.train_labels is not None and run.data.test_labels is not None:
+        result["majority_baseline"] = metrics.majority_baseline(
+            run.data.train_labels, run.data.test_labels, cfg.model.num_classes)
+    _log(format_result(result, run.data.label_names))
+    if workdir and jax.process_index() == 0:
+        with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
+            json.dump(_jsonable(result), f, indent=1)
+    return result
+
+
+def _step(state):
+    s = state.step
+    return s[0] if getattr(s, "ndim", 0) else s
+
+
+def evaluate(cfg, workdir: str, split: str = "test") -> dict[str, Any]:
+    """Metrics of the workdir's latest (or best) checkpoint on a split."""
+    run = setup(cfg, None)
+    ckpt = run.strategy.wrap_checkpointer(checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=cfg.train.keep, keep_best=cfg.train.keep_best,
+        best_metric=cfg.train.best_metric,
+        trainable=run.trainable if cfg.train.trainable_only_checkpoints else None))
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate")
+    state, _, _ = ckpt.restore(run.state, best=ckpt.best_step() is not None)
+    batches = {"test": run.data.test, "validation": run.data.validation}[split]
+    return loop.evaluate(state, run.eval_step, batches, task=cfg.task,
+                         label_names=run.data.label_names, shard_batch=run.shard_batch)
+
+
+def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[str, Any]]:
+    """Class probabilities for raw texts, from the workdir's best/latest checkpoint."""
+    cfg_model = build_model(cfg)
+    params = cfg_model.params
+    if workdir:
+        run = setup(cfg, None)
+        ckpt = run.strategy.wrap_checkpointer(checkpoint_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), keep=cfg.train.keep, keep_best=cfg.train.keep_best,
+            best_metric=cfg.train.best_metric,
+            trainable=run.trainable if cfg.train.trainable_only_checkpoints else None))
+        if ckpt.latest_step() is not None:
+            state, _, _ = ckpt.restore(run.state, best=ckpt.best_step() is not None)
+            params = jax.device_get(state.params)
+    from jaxfer.data.text import tokenize_texts
+
+    batch = tokenize_texts(list(texts), cfg_model.tokenizer(), cfg.data.max_length)
+    logits = np.asarray(cfg_model.apply(params, **batch)["logits"])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    names = tuple(cfg.data.get("label_names") or range(cfg.model.num_classes))
+    return [{"text": t, "label": str(names[int(p.argmax())]),
+             "probs": {str(n): round(float(q), 4) for n, q in zip(names, p)}}
+            for t, p in zip(texts, probs)]
+
+
+# --------------------------------------------------------------- reporting
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def format_result(result: dict[str, Any], label_names=None) -> str:
+    test = result["test"]
+    lines = [f"test: {metrics.format_report(test)}" if hasattr(metrics, "format_report") else f"test: {test}"]
+    base = result.get("majority_baseline")
+    if base is not None:
+        lines.append(f"majority-class baseline: accuracy {base['accuracy']:.4f}  "
+                     f"macro-F1 {base['macro_f1']:.4f}")
+        lines.append(f"model:                   accuracy {test['accuracy']:.4f}  "
+                     f"macro-F1 {test['macro_f1']:.4f}  ({result['steps']} steps, "
+                     f"{result['seconds']:.0f} s)")
+    return "\n".join(lines)
