@@ -1,0 +1,274 @@
+"""Pure metric functions over numpy arrays.
+
+Everything here takes host arrays (``np.ndarray`` or anything ``np.asarray``
+accepts) and returns plain Python numbers, numpy arrays or JSON-ready dicts; no
+JAX, no state. The training loop gathers per-example outputs on the host and
+calls :func:`compute`.
+
+Conventions:
+
+* classification labels are integer class ids; rows whose label is negative
+  (the ``-100`` padding convention of token tasks) are ignored. Soft or one-hot
+  labels are reduced by ``argmax``.
+* a confusion matrix has true classes on rows and predicted classes on columns.
+* precision, recall and F1 of a class with nothing to divide by are 0.0.
+* macro averages run over the classes that occur in the labels or in the
+  predictions (as scikit-learn does by default), so a class absent from a small
+  evaluation set does not pull the average down.
+* multi-label predictions are ``logits > 0`` (probability above 0.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+TASKS = ("classification", "multi_label", "regression")
+
+
+# ------------------------------------------------------------ classification
+def accuracy(labels, preds) -> float:
+    """Fraction of ``preds`` equal to ``labels`` (0.0 for no examples)."""
+    labels, preds = np.asarray(labels).reshape(-1), np.asarray(preds).reshape(-1)
+    return float(np.mean(labels == preds)) if labels.size else 0.0
+
+
+def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
+    """``[num_classes, num_classes]`` int64 counts: row = true class, column = prediction."""
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    preds = np.asarray(preds, np.int64).reshape(-1)
+    for name, ids in (("label", labels), ("prediction", preds)):
+        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            raise ValueError(f"{name} ids must lie in [0, {num_classes}), got "
+                             f"[{ids.min()}, {ids.max()}]")
+    flat = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def precision_recall_f1(confusion) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class ``(precision, recall, f1, support)`` from a confusion matrix."""
+    confusion = np.asarray(confusion)
+    tp = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0)
+    support = confusion.sum(axis=1)
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    return precision, recall, f1, support
+
+
+def _present(confusion: np.ndarray) -> np.ndarray:
+    """Classes that occur among the labels or the predictions."""
+    return (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
+
+
+def macro_f1(labels, preds, num_classes: int | None = None) -> float:
+    """Unweighted mean F1 over the classes present in ``labels`` or ``preds``."""
+    labels, preds = np.asarray(labels).reshape(-1), np.asarray(preds).reshape(-1)
+    if labels.size == 0:
+        return 0.0
+    if num_classes is None:
+        num_classes = int(max(labels.max(), preds.max())) + 1
+    confusion = confusion_matrix(labels, preds, num_classes)
+    f1 = precision_recall_f1(confusion)[2]
+    return float(f1[_present(confusion)].mean())
+
+
+def _class_names(num_classes: int, label_names: Sequence[str] | None) -> list[str]:
+    if label_names is None:
+        return [str(i) for i in range(num_classes)]
+    if len(label_names) != num_classes:
+        raise ValueError(f"{len(label_names)} label_names for {num_classes} classes")
+    return [str(n) for n in label_names]
+
+
+def classification_report(
+    labels, logits_or_preds, label_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy, macro F1, per-class precision/recall/F1/support and the confusion matrix.
+
+    Args:
+      labels: integer class ids ``[N]``.
+      logits_or_preds: logits/probabilities ``[N, C]`` (reduced by argmax) or
+        predicted ids ``[N]``.
+      label_names: class names, index = class id.
+      num_classes: default the logits' width, else ``len(label_names)``, else
+        the largest id seen plus one.
+
+    Returns a JSON-ready dict: ``accuracy``, ``macro_f1``, ``num_examples``,
+    ``per_class`` (``{name: {precision, recall, f1, support}}``) and
+    ``confusion_matrix`` (nested lists, row = true class).
+    """
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    scores = np.asarray(logits_or_preds)
+    preds = scores.argmax(-1) if scores.ndim == 2 else scores.reshape(-1)
+    preds = preds.astype(np.int64)
+    if num_classes is None:
+        if scores.ndim == 2:
+            num_classes = scores.shape[-1]
+        elif label_names is not None:
+            num_classes = len(label_names)
+        else:
+            num_classes = int(max(labels.max(initial=0), preds.max(initial=0))) + 1
+    names = _class_names(num_classes, label_names)
+    confusion = confusion_matrix(labels, preds, num_classes)
+    precision, recall, f1, support = precision_recall_f1(confusion)
+    present = _present(confusion)
+    return {
+        "accuracy": accuracy(labels, preds),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "num_examples": int(labels.size),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(names, precision, recall, f1, support)
+        },
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def majority_baseline(
+    train_labels, eval_labels, num_classes: int, label_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The report of always predicting the most frequent training class.
+
+    Ties go to the smallest class id. The chosen class is recorded as
+    ``majority_class`` (its id) in the report.
+    """
+    counts = np.bincount(np.asarray(train_labels, np.int64).reshape(-1), minlength=num_classes)
+    majority = int(counts.argmax())
+    eval_labels = np.asarray(eval_labels).reshape(-1)
+    preds = np.full(eval_labels.shape, majority, np.int64)
+    report = classification_report(eval_labels, preds, label_names, num_classes=num_classes)
+    report["majority_class"] = majority
+    return report
+
+
+# --------------------------------------------------------------- multi-label
+def multi_label_report(
+    labels, logits, label_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Micro and macro F1 of ``logits > 0`` against 0/1 ``labels`` ``[N, C]``.
+
+    Macro F1 averages over the labels that occur in the targets or predictions.
+    Also reports ``subset_accuracy`` (all labels of an example right) and
+    per-label precision/recall/F1/support.
+    """
+    labels = np.asarray(labels) > 0.5
+    preds = np.asarray(logits) > 0
+    if labels.shape != preds.shape or labels.ndim != 2:
+        raise ValueError(f"multi-label labels and logits must both be [N, C], got "
+                         f"{labels.shape} and {preds.shape}")
+    tp = (labels & preds).sum(0)
+    fp = (~labels & preds).sum(0)
+    fn = (labels & ~preds).sum(0)
+    precision, recall = _safe_div(tp, tp + fp), _safe_div(tp, tp + fn)
+    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
+    present = (tp + fp + fn) > 0
+    micro = float(_safe_div(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum()))
+    names = _class_names(labels.shape[1], label_names)
+    return {
+        "micro_f1": micro,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "subset_accuracy": float((labels == preds).all(1).mean()) if len(labels) else 0.0,
+        "num_examples": int(len(labels)),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(names, precision, recall, f1, labels.sum(0))
+        },
+    }
+
+
+# ---------------------------------------------------------------- regression
+def _matched(targets, predictions) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(targets, np.float64)
+    p = np.asarray(predictions, np.float64)
+    if p.size == t.size:
+        p = p.reshape(t.shape)
+    if p.shape != t.shape:
+        raise ValueError(f"predictions {p.shape} do not match targets {t.shape}")
+    return t, p
+
+
+def mse(targets, predictions) -> float:
+    """Mean squared error."""
+    t, p = _matched(targets, predictions)
+    return float(np.mean((p - t) ** 2)) if t.size else 0.0
+
+
+def mae(targets, predictions) -> float:
+    """Mean absolute error."""
+    t, p = _matched(targets, predictions)
+    return float(np.mean(np.abs(p - t))) if t.size else 0.0
+
+
+def regression_report(targets, predictions) -> dict[str, Any]:
+    """``mse``, ``rmse``, ``mae`` and ``r2`` (1 - SSE/SST; 0.0 when targets are constant)."""
+    t, p = _matched(targets, predictions)
+    sse = float(np.sum((p - t) ** 2))
+    sst = float(np.sum((t - t.mean()) ** 2)) if t.size else 0.0
+    m = mse(t, p)
+    return {
+        "mse": m,
+        "rmse": float(np.sqrt(m)),
+        "mae": mae(t, p),
+        "r2": 1.0 - sse / sst if sst > 0 else 0.0,
+        "num_examples": int(t.shape[0]) if t.ndim else 1,
+    }
+
+
+# ------------------------------------------------------------------ dispatch
+def compute(task: str, logits, labels, label_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Task metrics from model outputs and labels.
+
+    * ``"classification"``: logits ``[..., C]``; labels ids ``[...]`` or soft/one-hot
+      ``[..., C]`` (argmax). Leading dimensions are flattened (token tasks), and
+      rows with a negative label are dropped.
+    * ``"multi_label"``: logits and 0/1 labels ``[N, C]``.
+    * ``"regression"``: predictions and targets of matching size.
+    """
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if task == "classification":
+        if labels.ndim == logits.ndim:
+            labels = labels.argmax(-1)
+        scores = logits.reshape(-1, logits.shape[-1])
+        labels = labels.reshape(-1)
+        keep = labels >= 0
+        return classification_report(labels[keep], scores[keep], label_names,
+                                     num_classes=scores.shape[-1])
+    if task == "multi_label":
+        return multi_label_report(labels, logits, label_names)
+    if task == "regression":
+        return regression_report(labels, logits)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+# ----------------------------------------------------------------- rendering
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text rendering: scalar metrics, the per-class table, the confusion matrix."""
+    lines = [f"{k:>16}: {v:.4f}" if isinstance(v, float) else f"{k:>16}: {v}"
+             for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    per_class = report.get("per_class")
+    if per_class:
+        width = max(12, *(len(n) for n in per_class))
+        lines += ["", f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>9}"]
+        for name, row in per_class.items():
+            lines.append(f"{name:<{width}} {row['precision']:>9.4f} {row['recall']:>9.4f} "
+                         f"{row['f1']:>9.4f} {row['support']:>9d}")
+    confusion = report.get("confusion_matrix")
+    if confusion:
+        names = list(per_class) if per_class else [str(i) for i in range(len(confusion))]
+        cell = max(7, *(len(n) for n in names), *(len(str(c)) for row in confusion for c in row))
+        head = max(10, *(len(n) for n in names))
+        lines += ["", "confusion matrix (rows: true, columns: predicted)",
+                  " " * head + " " + " ".join(f"{n:>{cell}}" for n in names)]
+        for name, row in zip(names, confusion):
+            lines.append(f"{name:<{head}} " + " ".join(f"{c:>{cell}}" for c in row))
+    return "\n".join(lines)
