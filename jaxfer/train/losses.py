@@ -1,0 +1,113 @@
+"""Loss functions for the train and eval steps: ``loss_fn(outputs, batch) -> (losses, weights)``.
+
+Every builder here returns a function of the model's output dict and the batch
+that gives two arrays of the same shape, per example ``[B]`` or per token
+``[B, T]``: the unreduced losses and their weights. The step reduces them as
+``sum(losses * weights) / sum(weights)`` after multiplying ``weights`` by the
+batch's ``mask`` (zero for padding rows), so a loss never averages by itself.
+That keeps gradient accumulation, padded evaluation batches and data parallel
+runs exact: the total weight is only known once every part has been summed.
+
+    loss_fn = softmax_cross_entropy(label_smoothing=0.1)
+    loss_fn = for_problem_type(head.problem_type)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, Any]], tuple[jax.Array, jax.Array]]
+IGNORE_INDEX = -100  # the PyTorch / Hugging Face convention for "no label here"
+
+
+def softmax_cross_entropy(label_smoothing: float = 0.0, ignore_index: int | None = IGNORE_INDEX,
+                          logits_key: str = "logits", label_key: str = "label") -> LossFn:
+    """Softmax cross-entropy over the last axis of ``outputs[logits_key]``.
+
+    Labels are integer class ids of shape ``logits.shape[:-1]`` (``[B]`` for
+    sequence classification, ``[B, T]`` for token classification), or float
+    target distributions of the logits' own shape (one-hot or soft, as mixup
+    makes). Integer labels equal to ``ignore_index`` get weight 0 (and a finite
+    loss, so ``0 * loss`` stays 0).
+
+    ``label_smoothing`` mixes the target with the uniform distribution:
+    ``(1 - s) * target + s / num_classes`` (as ``torch.nn.CrossEntropyLoss``).
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+    def loss_fn(outputs, batch):
+        logits = outputs[logits_key]
+        labels = jnp.asarray(batch[label_key])
+        num_classes = logits.shape[-1]
+        if labels.shape == logits.shape and jnp.issubdtype(labels.dtype, jnp.floating):
+            targets = labels.astype(logits.dtype)
+            weights = jnp.ones(logits.shape[:-1], jnp.float32)
+        elif labels.shape == logits.shape[:-1]:
+            valid = (labels != ignore_index) if ignore_index is not None else jnp.ones(labels.shape, bool)
+            # an ignored label must still index a real class, or one_hot gives all zeros
+            # and the smoothed loss would differ from 0 * finite
+            targets = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes, dtype=logits.dtype)
+            weights = valid.astype(jnp.float32)
+        else:
+            raise ValueError(f"labels of shape {labels.shape} fit neither integer ids of shape "
+                             f"{logits.shape[:-1]} nor float targets of shape {logits.shape}")
+        if label_smoothing:
+            targets = optax.smooth_labels(targets, label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
+        return losses, weights
+
+    return loss_fn
+
+
+def sigmoid_binary_cross_entropy(logits_key: str = "logits", label_key: str = "label") -> LossFn:
+    """Multi-label: sigmoid cross-entropy per label with 0/1 (or soft) targets, mean over labels.
+
+    ``losses`` has shape ``logits.shape[:-1]``: one value per example, the mean
+    over its ``num_labels`` binary problems (as ``heads.loss("multi_label", ...)``).
+    """
+
+    def loss_fn(outputs, batch):
+        logits = outputs[logits_key]
+        labels = jnp.asarray(batch[label_key], logits.dtype).reshape(logits.shape)
+        losses = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)
+        return losses, jnp.ones(losses.shape, jnp.float32)
+
+    return loss_fn
+
+
+def mean_squared_error(logits_key: str = "logits", label_key: str = "label") -> LossFn:
+    """Regression: squared error, mean over the output dimension (``[B, n] -> [B]``).
+
+    Labels of shape ``[B]`` are reshaped to ``[B, 1]`` for single-output heads.
+    """
+
+    def loss_fn(outputs, batch):
+        preds = outputs[logits_key]
+        targets = jnp.asarray(batch[label_key], preds.dtype).reshape(preds.shape)
+        losses = ((preds - targets) ** 2).mean(-1)
+        return losses, jnp.ones(losses.shape, jnp.float32)
+
+    return loss_fn
+
+
+_BY_PROBLEM_TYPE: dict[str, Callable[..., LossFn]] = {
+    "single_label": softmax_cross_entropy,
+    "multi_label": sigmoid_binary_cross_entropy,
+    "regression": mean_squared_error,
+}
+
+
+def for_problem_type(problem_type: str, **kwargs: Any) -> LossFn:
+    """The loss for a head's ``problem_type`` (``"single_label"``, ``"multi_label"``, ``"regression"``).
+
+    ``kwargs`` go to the builder (``label_smoothing=0.1`` for single_label, ...).
+    """
+    if problem_type not in _BY_PROBLEM_TYPE:
+        raise ValueError(f"unknown problem_type {problem_type!r}; choose one of {tuple(_BY_PROBLEM_TYPE)}")
+    return _BY_PROBLEM_TYPE[problem_type](**kwargs)
