@@ -119,6 +119,22 @@ def test_multihost_shards_disjoint_covering_and_in_lockstep(n, global_bs):
         assert not ids[0] & ids[1]
 
 
+@pytest.mark.parametrize("procs", [2, 4])
+def test_multihost_train_batches_concatenate_to_the_single_process_ones(procs):
+    """Global order: process slices of each step, concatenated in process order,
+    are exactly the single-process batch (so results do not depend on host count)."""
+    src = _source(50)
+    single = data.pipeline(src, global_batch_size=8, train=True, seed=3)
+    parts = [data.pipeline(src, global_batch_size=8, train=True, seed=3,
+                           process_index=p, process_count=procs) for p in range(procs)]
+    assert all(p.steps_per_epoch == single.steps_per_epoch for p in parts)
+    for _ in range(single.steps_per_epoch + 2):  # into the second epoch
+        want = next(single)
+        got = [next(p) for p in parts]
+        assert all(g["id"].shape == (8 // procs,) for g in got)
+        np.testing.assert_array_equal(np.concatenate([g["id"] for g in got]), want["id"])
+
+
 def test_global_batch_must_divide_by_process_count():
     with pytest.raises(ValueError, match="divisible"):
         data.pipeline(_source(), global_batch_size=15, train=True, process_index=0, process_count=2)

@@ -61,6 +61,11 @@ class TrainIterator(Iterator[Batch]):
       map_fn: per-example ``fn(example, rng) -> example`` (decoding, augmentation).
       batch_fn: per-batch ``fn(batch, rng) -> batch`` (e.g. mixup).
       workers: threads for ``map_fn`` (0: in the calling thread).
+      process_index, process_count: with ``process_count > 1``, ``source`` is
+        the whole (unsharded) dataset, the epoch order is global and this
+        process yields its ``process_index``-th slice of every global batch of
+        ``batch_size * process_count`` examples. The global batches, and so the
+        trained parameters, are then the same for any number of processes.
     """
 
     def __init__(
@@ -75,9 +80,13 @@ class TrainIterator(Iterator[Batch]):
         map_fn: MapFn | None = None,
         batch_fn: BatchFn | None = None,
         workers: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
     ):
         self.source = source
         self.batch_size = int(batch_size)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.global_batch_size = self.batch_size * self.process_count
         self.seed = int(seed)
         self.shuffle = shuffle
         self.num_epochs = num_epochs
@@ -85,9 +94,10 @@ class TrainIterator(Iterator[Batch]):
         if n > len(source):
             raise ValueError(f"examples_per_epoch={n} > {len(source)} examples")
         self.examples_per_epoch = n
-        self.steps_per_epoch = n // self.batch_size
+        self.steps_per_epoch = n // self.global_batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"batch size {batch_size} is larger than the {n} examples per epoch")
+            raise ValueError(f"batch size {self.global_batch_size} is larger than the {n} "
+                             "examples per epoch")
         self.map_fn, self.batch_fn = map_fn, batch_fn
         self._pool = ThreadPoolExecutor(workers) if workers and map_fn else None
         self._epoch, self._index = 0, 0
@@ -125,8 +135,9 @@ class TrainIterator(Iterator[Batch]):
         if self.num_epochs is not None and self._epoch >= self.num_epochs:
             raise StopIteration
         e, i, bs = self._epoch, self._index, self.batch_size
-        indices = self.order(e)[i * bs : (i + 1) * bs]
-        seeds = [[self.seed, e, p] for p in range(i * bs, (i + 1) * bs)]
+        lo = i * self.global_batch_size + self.process_index * bs  # this process's slice
+        indices = self.order(e)[lo : lo + bs]
+        seeds = [[self.seed, e, p] for p in range(lo, lo + bs)]
         batch = _load(self.source, indices, self.map_fn, seeds, self._pool)
         if self.batch_fn is not None:
             batch = self.batch_fn(batch, np.random.default_rng([self.seed, e, i, 1]))

@@ -108,6 +108,14 @@ def pipeline(
     """
     pi, pc = process_info(process_index, process_count)
     bs = local_batch_size(global_batch_size, pc)
+    presharded = hasattr(source, "total") and hasattr(source, "process_count")
+    if train and pc > 1 and not presharded:
+        # every process sees the global order and takes its slice of each global
+        # batch: same batches, same result, whatever the number of processes
+        it = TrainIterator(source, bs, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                           map_fn=map_fn, batch_fn=batch_fn, workers=workers,
+                           process_index=pi, process_count=pc)
+        return Prefetch(it, prefetch) if prefetch else it
     local, total = shard(source, pi, pc)
     if train:
         it = TrainIterator(local, bs, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
@@ -167,11 +175,17 @@ def make_pipeline(
     * ``mixup_alpha > 0`` (training only, needs ``num_classes``): mixup per batch.
     """
     pi, pc = process_info(process_index, process_count)
-    local, total = shard(source, pi, pc)
-    if tokenizer is not None:
-        local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair)
-    if local is not source:  # already sharded: keep the full size for step counts
-        local = _Sharded(local, pi, pc, total)
+    presharded = hasattr(source, "total") and hasattr(source, "process_count")
+    if train and pc > 1 and not presharded:  # global order: pipeline() takes the slices
+        local = source
+        if tokenizer is not None:
+            local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair)
+    else:
+        local, total = shard(source, pi, pc)
+        if tokenizer is not None:
+            local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair)
+        if local is not source:  # already sharded: keep the full size for step counts
+            local = _Sharded(local, pi, pc, total)
     map_fn = batch_fn = None
     if image_size is not None:
         map_fn = image_lib.image_transform(image_size, train=train, **(image_options or {}))
