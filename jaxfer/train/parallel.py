@@ -328,7 +328,15 @@ class PmapStrategy(Strategy):
 
 
 def replicate(tree_: PyTree, devices: Sequence[jax.Device]) -> PyTree:
-    return jax.device_put_replicated(tree_, list(devices))
+    """One copy per device, stacked on a new leading axis (what pmap takes)."""
+    devices = list(devices)
+    sharding = NamedSharding(Mesh(np.asarray(devices), (AXIS,)), P(AXIS))
+
+    def stack(x):
+        x = jax.numpy.asarray(x)
+        return jax.device_put(jax.numpy.broadcast_to(x[None], (len(devices), *x.shape)), sharding)
+
+    return jax.tree_util.tree_map(stack, tree_)
 
 
 def unreplicate(tree_: PyTree) -> PyTree:
