@@ -1,0 +1,320 @@
+"""Step builders: ``make_train_step`` and ``make_eval_step``, plus the Linen adapter.
+
+A model enters the step as an ``apply_fn``::
+
+    apply_fn(variables, batch, *, train, rng) -> (outputs, new_model_state)
+
+where ``variables = {"params": ..., **state.model_state}``, ``outputs`` is a
+dict (``{"logits": ...}`` ...) and ``new_model_state`` holds the non-parameter
+collections after the call (``batch_stats`` ...). :func:`linen_apply` builds
+one for any Linen module and :func:`model_apply` for a loaded jaxfer ``Model``.
+A loss enters as ``loss_fn(outputs, batch) -> (losses, weights)`` (see
+:mod:`jaxfer.train.losses`).
+
+What ``trainable`` (a bool tree shaped like the params) does in the train step:
+
+* only the trainable partition is differentiated, so XLA never builds the
+  backward pass of a frozen bottom (see ``benchmarks/frozen_step.py``);
+* frozen leaves come out of the step bit-identical (they are passed through,
+  never touched by an update);
+* every ``flax.linen.BatchNorm`` whose own scale/bias are frozen runs with its
+  running statistics during training, and those statistics stay fixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxfer import tree
+from jaxfer.models.heads import train_kwarg
+from jaxfer.train.losses import LossFn
+from jaxfer.train.state import TrainState
+
+PyTree = Any
+ApplyFn = Callable[..., tuple[dict, dict]]
+# what Hugging Face style backbones take; anything else in a batch (label, mask) is not a model input
+DEFAULT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
+                      "pixel_values", "input_values")
+_NOT_INPUTS = {"self", "train", "deterministic", "rngs", "mutable", "method"}
+
+
+# ------------------------------------------------------------------ apply_fn
+def _input_keys(module: nn.Module) -> tuple[str, ...]:
+    """Batch keys a module's ``__call__`` accepts: its named parameters, plus the HF
+    names when it also takes ``**kwargs`` (``TaskModel`` takes only ``**inputs``)."""
+    params = inspect.signature(type(module).__call__).parameters.values()
+    named = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in _NOT_INPUTS)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return named + tuple(k for k in DEFAULT_INPUT_KEYS if k not in named)
+    return named
+
+
+def linen_apply(module: nn.Module, input_keys: Sequence[str] | None = None) -> ApplyFn:
+    """``apply_fn`` for a Linen module.
+
+    Passes the batch entries named in ``input_keys`` (default: the parameters of
+    ``module.__call__`` that the batch has, or the usual HF input names for a
+    ``**inputs`` signature) as keywords, with ``train=``/``deterministic=``
+    as the module takes it. In training it gives ``rngs={"dropout": rng}`` and
+    makes every non-params collection of ``variables`` mutable; in evaluation
+    the returned model state is the input one, unchanged. A module that returns
+    an array rather than a dict is taken to return ``{"logits": array}``.
+    """
+    keys = tuple(input_keys) if input_keys is not None else _input_keys(module)
+
+    def apply_fn(variables: Mapping[str, Any], batch: Mapping[str, Any], *, train: bool,
+                 rng: jax.Array | None = None) -> tuple[dict, dict]:
+        inputs = {k: batch[k] for k in keys if k in batch}
+        state_collections = [c for c in variables if c != "params"]
+        rngs = {"dropout": rng} if train and rng is not None else None
+        kwargs = dict(inputs, **train_kwarg(module, train))
+        if train and state_collections:
+            outputs, new_state = module.apply(variables, rngs=rngs, mutable=state_collections, **kwargs)
+            new_state = dict(new_state)
+        else:
+            outputs = module.apply(variables, rngs=rngs, **kwargs)
+            new_state = {c: variables[c] for c in state_collections}
+        if not isinstance(outputs, Mapping):
+            outputs = {"logits": outputs}
+        return dict(outputs), new_state
+
+    return apply_fn
+
+
+def model_apply(model: Any, input_keys: Sequence[str] | None = None) -> ApplyFn:
+    """``apply_fn`` for a loaded :class:`jaxfer.weights.load.Model` (its ``module``)."""
+    return linen_apply(model.module, input_keys)
+
+
+# --------------------------------------------------------------- batch norm
+def _frozen_modules(trainable: PyTree) -> frozenset[str]:
+    """Paths of the modules whose parameters are all frozen (``"bert/encoder/..."``)."""
+    by_module: dict[str, bool] = {}
+    for path, is_trainable in tree.flatten(trainable).items():
+        module = path.rpartition(tree.SEP)[0]
+        by_module[module] = by_module.get(module, False) or bool(is_trainable)
+    return frozenset(m for m, any_trainable in by_module.items() if not any_trainable)
+
+
+@contextlib.contextmanager
+def frozen_batch_norm_scope(frozen_modules: frozenset[str]):
+    """Run every ``nn.BatchNorm`` whose path is in ``frozen_modules`` in inference mode.
+
+    A frozen batch norm that kept normalising with batch statistics (and kept
+    updating its running averages) would shift the features its frozen
+    neighbours were trained on — the Keras ``BatchNormalization`` lesson. So
+    during training it uses, and leaves untouched, its running statistics.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (not isinstance(module, nn.BatchNorm) or context.method_name != "__call__"
+                or tree.SEP.join(map(str, module.path)) not in frozen_modules):
+            return next_fun(*args, **kwargs)
+        if "use_running_average" in kwargs or len(args) > 1 or module.use_running_average is None:
+            args, kwargs = args[:1], {**kwargs, "use_running_average": True}
+            return next_fun(*args, **kwargs)
+        # The flag was fixed at construction (``BatchNorm(use_running_average=not train)``)
+        # and flax refuses it twice, so set it on this bound instance for the call only.
+        old = module.use_running_average
+        object.__setattr__(module, "use_running_average", True)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "use_running_average", old)
+
+    if not frozen_modules:
+        yield
+        return
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+# --------------------------------------------------------------- train step
+def _broadcast_mask(mask: jax.Array, like: jax.Array) -> jax.Array:
+    mask = jnp.asarray(mask, like.dtype)
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    sizes = {jnp.shape(v)[0] for v in jax.tree_util.tree_leaves(batch)}
+    if len(sizes) != 1:
+        raise ValueError(f"batch entries disagree on the leading (batch) size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _weighted_loss(loss_fn: LossFn, outputs, batch) -> tuple[jax.Array, jax.Array]:
+    """``(sum(losses * weights), sum(weights))`` with weights times ``batch["mask"]``."""
+    losses, weights = loss_fn(outputs, batch)
+    weights = jnp.asarray(weights, jnp.float32)
+    if "mask" in batch:
+        weights = weights * _broadcast_mask(batch["mask"], weights)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _split_micro_batches(batch: Mapping[str, Any], k: int) -> dict:
+    size = _batch_size(batch)
+    if size % k:
+        raise ValueError(f"batch size {size} is not divisible by micro_batches={k}")
+    return jax.tree_util.tree_map(lambda x: jnp.reshape(x, (k, size // k) + jnp.shape(x)[1:]), dict(batch))
+
+
+def _all_true(params: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda _: True, params)
+
+
+def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransformation,
+                    trainable: PyTree | None = None, *, micro_batches: int = 1,
+                    lr_schedule: optax.Schedule | None = None, axis_name: str | None = None,
+                    jit: bool = True, donate: bool = True, frozen_batch_norm: bool = True,
+                    state_sharding: Any = None, batch_sharding: Any = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Build ``step(state, batch) -> (state, metrics)``.
+
+    Args:
+      apply_fn: ``apply_fn(variables, batch, *, train, rng) -> (outputs, model_state)``.
+      loss_fn: ``loss_fn(outputs, batch) -> (losses, weights)``; the step
+        minimises ``sum(losses * weights * mask) / sum(weights * mask)``.
+      tx: the optimizer, built over the *full* params tree (frozen labels mapped
+        to ``optax.set_to_zero()``, which holds no state).
+      trainable: bool tree shaped like ``state.params`` (``None``: all trainable).
+      micro_batches: gradient accumulation inside the step: the batch is cut into
+        this many equal chunks, scanned over, and the summed gradient is divided
+        by the total weight, so the result equals the one-batch step.
+      lr_schedule: reported as ``metrics["lr"] = lr_schedule(state.step)``.
+      axis_name: for ``jax.pmap(step, axis_name=...)``: loss sums, weights,
+        gradients and metrics are summed over the axis before dividing, so the
+        replicas take the global-batch step. The step is then not jitted.
+      jit / donate: ``jax.jit`` the step, donating the state's buffers.
+      frozen_batch_norm: run batch norms with frozen scale/bias on their running
+        statistics (and leave those fixed).
+      state_sharding / batch_sharding: ``in_shardings``/``out_shardings`` for ``jax.jit``.
+
+    Gradients are taken only for the trainable partition. The optimizer still
+    sees full trees: ``tx.update(grads, opt_state, params)`` gets zeros at the
+    frozen leaves, so optimizers built over the whole tree keep working; the
+    zeros are never read by ``set_to_zero`` and XLA drops them. The updates are
+    then applied to the trainable leaves only, and the frozen leaves are the
+    input arrays themselves.
+
+    Metrics: ``loss`` (weighted mean), ``grad_norm`` (global norm of the
+    trainable gradients), ``examples`` (sum of ``batch["mask"]``, or the batch
+    size), and ``lr`` when ``lr_schedule`` is given.
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    mask_tree = None if trainable is None else jax.tree_util.tree_map(bool, trainable)
+    frozen_bn = _frozen_modules(mask_tree) if (frozen_batch_norm and mask_tree is not None) else frozenset()
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        mask = _all_true(state.params) if mask_tree is None else mask_tree
+        if jax.tree_util.tree_structure(mask) != jax.tree_util.tree_structure(state.params):
+            raise ValueError("`trainable` must have the structure of state.params; differing paths: "
+                             f"{sorted(set(tree.paths(mask)) ^ set(tree.paths(state.params)))[:10]}")
+        trainable_params, frozen_params = tree.partition(state.params, mask)
+        rng, step_rng = jax.random.split(state.rng)
+
+        def summed_loss(trainable_params, model_state, chunk, rng):
+            variables = {"params": tree.merge(trainable_params, frozen_params), **model_state}
+            with frozen_batch_norm_scope(frozen_bn):
+                outputs, new_model_state = apply_fn(variables, chunk, train=True, rng=rng)
+            loss_sum, weight_sum = _weighted_loss(loss_fn, outputs, chunk)
+            return loss_sum, (weight_sum, {**model_state, **new_model_state})
+
+        def value_and_grad(trainable_params, model_state, chunk, rng):
+            (loss_sum, (weight_sum, new_model_state)), grads = jax.value_and_grad(summed_loss, has_aux=True)(
+                trainable_params, model_state, chunk, rng)
+            return grads, loss_sum, weight_sum, new_model_state
+
+        if micro_batches == 1:
+            grads, loss_sum, weight_sum, model_state = value_and_grad(
+                trainable_params, state.model_state, batch, step_rng)
+        else:
+            chunks = _split_micro_batches(batch, micro_batches)
+            rngs = jax.random.split(step_rng, micro_batches)
+
+            def accumulate(carry, xs):
+                grads, loss_sum, weight_sum, model_state = carry
+                chunk, chunk_rng = xs
+                g, l, w, model_state = value_and_grad(trainable_params, model_state, chunk, chunk_rng)
+                grads = jax.tree_util.tree_map(jnp.add, grads, g)
+                return (grads, loss_sum + l, weight_sum + w, model_state), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable_params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), state.model_state)
+            (grads, loss_sum, weight_sum, model_state), _ = jax.lax.scan(accumulate, init, (chunks, rngs))
+
+        examples = jnp.sum(jnp.asarray(batch["mask"], jnp.float32)) if "mask" in batch else \
+            jnp.asarray(_batch_size(batch), jnp.float32)
+        if axis_name is not None:
+            grads, loss_sum, weight_sum, examples = jax.lax.psum((grads, loss_sum, weight_sum, examples), axis_name)
+        # a batch of padding only has weight 0 and gradient 0: keep it a no-op, not 0/0
+        denom = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
+        grads = jax.tree_util.tree_map(lambda g: g / denom.astype(g.dtype), grads)
+
+        full_grads = tree.merge(grads, jax.tree_util.tree_map(jnp.zeros_like, frozen_params))
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        trainable_updates, _ = tree.partition(updates, mask)
+        new_trainable = optax.apply_updates(trainable_params, trainable_updates)
+        params = tree.merge(new_trainable, frozen_params)
+
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "examples": examples}
+        if lr_schedule is not None:
+            metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                                  model_state=model_state)
+        return new_state, metrics
+
+    if axis_name is not None or not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else (),
+                   in_shardings=(state_sharding, batch_sharding) if state_sharding is not None
+                   or batch_sharding is not None else None,
+                   out_shardings=(state_sharding, None) if state_sharding is not None else None)
+
+
+# ---------------------------------------------------------------- eval step
+def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, output_keys: Sequence[str] = ("logits",),
+                   label_key: str = "label", jit: bool = True, axis_name: str | None = None
+                   ) -> Callable[[TrainState, dict], dict]:
+    """Build ``eval_step(state, batch) -> dict`` of per-example arrays.
+
+    Returns ``loss`` (``[B]``: the sum over trailing dims of ``losses * weights``,
+    so token losses add up per sequence), ``weight`` (``[B]``, the matching sum
+    of weights), each of ``output_keys``, the labels under ``label_key`` (when
+    the batch has them) and ``mask`` (``[B]``, ones when the batch has none).
+    A dataset's loss is ``sum(loss) / sum(weight)`` over its rows; padding rows
+    (mask 0) have weight 0 and are dropped by the caller on the host.
+
+    Runs with ``train=False``, ``state.model_state`` and no rng. With
+    ``axis_name`` (pmap) the step is not jitted; outputs stay per device.
+    """
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        variables = {"params": state.params, **state.model_state}
+        outputs, _ = apply_fn(variables, batch, train=False, rng=None)
+        losses, weights = loss_fn(outputs, batch)
+        size = jnp.shape(losses)[0]
+        mask = jnp.asarray(batch["mask"], jnp.float32) if "mask" in batch else jnp.ones((size,), jnp.float32)
+        weights = jnp.asarray(weights, jnp.float32) * _broadcast_mask(mask, jnp.asarray(weights, jnp.float32))
+        trailing = tuple(range(1, jnp.ndim(losses)))
+        result = {"loss": jnp.sum(losses * weights, axis=trailing), "weight": jnp.sum(weights, axis=trailing),
+                  "mask": mask}
+        for key in output_keys:
+            result[key] = outputs[key]
+        if label_key in batch:
+            result[label_key] = batch[label_key]
+        return result
+
+    if axis_name is not None or not jit:
+        return eval_step
+    return jax.jit(eval_step)
