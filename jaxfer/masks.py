@@ -403,10 +403,14 @@ def decide(params: PyTree, rules: Rules, *, strict: bool = True) -> dict[str, Ru
     decided = {p: first_match(rules, p) for p in paths}
     if strict:
         for r in rules:
-            r.mask.check(paths)
             hits = [p for p in paths if r.mask.selects(p)]
             if not hits:
                 raise tree.NoMatchError(r.text, paths, what=f"rule {r.index}")
+            try:
+                r.mask.check(paths)
+            except tree.NoMatchError as e:
+                e.args = (f"in rule {r.index} ({r.text}): {e.args[0]}",)
+                raise
             if not any(decided[p] is r for p in hits):
                 by = sorted({f"{decided[p].index} ({decided[p].text})" for p in hits})
                 raise ShadowedRuleError(
