@@ -103,37 +103,35 @@ def _wrap(m: Mask, prec: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class And(Mask):
+class _Binary(Mask):
     left: Mask
     right: Mask
-    _prec = 2
+    _symbol = ""
+
+    def atoms(self):
+        yield from self.left.atoms()
+        yield from self.right.atoms()
+
+    def __str__(self):
+        return f"{_wrap(self.left, self._prec)} {self._symbol} {_wrap(self.right, self._prec)}"
+
+
+class And(_Binary):
+    """``a & b``: paths in both."""
+
+    _prec, _symbol = 2, "&"
 
     def selects(self, path):
         return self.left.selects(path) and self.right.selects(path)
 
-    def atoms(self):
-        yield from self.left.atoms()
-        yield from self.right.atoms()
 
-    def __str__(self):
-        return f"{_wrap(self.left, 2)} & {_wrap(self.right, 2)}"
+class Or(_Binary):
+    """``a | b``: paths in either."""
 
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class Or(Mask):
-    left: Mask
-    right: Mask
-    _prec = 1
+    _prec, _symbol = 1, "|"
 
     def selects(self, path):
         return self.left.selects(path) or self.right.selects(path)
-
-    def atoms(self):
-        yield from self.left.atoms()
-        yield from self.right.atoms()
-
-    def __str__(self):
-        return f"{_wrap(self.left, 1)} | {_wrap(self.right, 1)}"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -200,7 +198,7 @@ class Layers(Mask):
         return f"layers({', '.join(args)})"
 
 
-@dataclasses.dataclass(frozen=True, repr=False, eq=False)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Where(Mask):
     """Paths for which ``fn(path)`` is true; ``name`` is what ``str`` shows."""
 
@@ -209,12 +207,6 @@ class Where(Mask):
 
     def selects(self, path):
         return bool(self.fn(path))
-
-    def __eq__(self, other):
-        return isinstance(other, Where) and (self.fn, self.name) == (other.fn, other.name)
-
-    def __hash__(self):
-        return hash((self.fn, self.name))
 
     def __str__(self):
         return self.name

@@ -222,6 +222,8 @@ def from_config(cfg: Any, rules: masks.Rules = (("**", 1.0),), *, total_steps: i
     name = _get(cfg, "name", "adamw")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
+    if _get(cfg, "lr") is None:
+        raise ValueError("the optimizer config needs a learning rate: lr")
     sched = schedule(_get(cfg, "schedule", "warmup_cosine"), _get(cfg, "lr"), total_steps,
                      int(_get(cfg, "warmup_steps", 0)), end_factor=_get(cfg, "end_factor", 0.0))
     wd = float(_get(cfg, "weight_decay", 0.0))
