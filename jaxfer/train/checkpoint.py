@@ -70,17 +70,17 @@ def _is_typed_key(x) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
-def _jsonable(x: Any) -> Any:
+def to_jsonable(x: Any) -> Any:
     """Numbers, arrays and nested containers -> plain JSON values."""
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, (np.ndarray, np.generic, jax.Array)):
         x = np.asarray(x)
         return x.item() if x.ndim == 0 else x.tolist()
     if hasattr(x, "to_dict"):  # ml_collections.ConfigDict
-        return _jsonable(x.to_dict())
+        return to_jsonable(x.to_dict())
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     return str(x)
@@ -238,13 +238,13 @@ class Checkpointer:
             "rng_impl": str(jax.random.key_impl(rng)) if typed else None,
             "trainable_only": self.trainable is not None,
             "leaves": {p: _describe(v) for p, v in flat.items()},
-            "data_state": _jsonable(data_state),
-            "metrics": _jsonable(metrics),
+            "data_state": to_jsonable(data_state),
+            "metrics": to_jsonable(metrics),
         }
         items = {"state": ocp.args.StandardSave(tree.unflatten(flat)),
                  "meta": ocp.args.JsonSave(meta)}
         if config is not None:
-            items["config"] = ocp.args.JsonSave(_jsonable(config))
+            items["config"] = ocp.args.JsonSave(to_jsonable(config))
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._metrics[step] = meta["metrics"]
         return True

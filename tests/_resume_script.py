@@ -1,0 +1,124 @@
+"""A tiny MLP classification task for the loop tests.
+
+Imported, it offers :func:`make_task`. Run as a script, it trains in a workdir
+and, with ``--kill-at K``, SIGKILLs itself right after the checkpoint of step K
+is on disk; run again without it, the run resumes and saves its final params to
+``workdir/final_params.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxfer import tree
+from jaxfer.data.iterators import EvalBatches, TrainIterator
+from jaxfer.data.sources import from_arrays
+from jaxfer.train.checkpoint import Checkpointer
+from jaxfer.train.loop import fit
+from jaxfer.train.state import TrainState
+
+CLASSES, FEATURES, BATCH = 3, 8, 8
+LABEL_NAMES = ("a", "b", "c")
+
+
+class MLP(nn.Module):
+    """Dense -> relu -> dropout -> Dense, so the rng in the state matters."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = nn.relu(nn.Dense(32)(x))
+        x = nn.Dropout(0.2, deterministic=not train)(x)
+        return nn.Dense(CLASSES)(x)
+
+
+def make_data(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Three Gaussian blobs in 8 dimensions (fixed centres, ``seed`` draws the points)."""
+    centres = np.random.default_rng(123).normal(size=(CLASSES, FEATURES)) * 1.5
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, CLASSES, n).astype(np.int32)
+    x = (centres[label] + rng.normal(size=(n, FEATURES))).astype(np.float32)
+    return {"x": x, "label": label}
+
+
+def make_task(lr: float = 0.03, seed: int = 0, n_train: int = 96, n_eval: int = 37):
+    """``(state, train_step, eval_step, train_iter, eval_batches)`` following the loop contract."""
+    model, tx = MLP(), optax.adam(lr)
+
+    @jax.jit  # one compile instead of dozens of eager ones
+    def init_state():
+        params = model.init(jax.random.key(seed), jnp.zeros((1, FEATURES)), train=False)["params"]
+        return TrainState.create(params, tx, rng=jax.random.key(seed))
+
+    state = init_state()
+
+    def loss_fn(params, batch, rng):
+        logits = model.apply({"params": params}, batch["x"], train=True, rngs={"dropout": rng})
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return (losses * batch["mask"]).sum() / batch["mask"].sum()
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, step_rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, rng=rng)
+        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                       "lr": jnp.float32(lr), "examples": batch["mask"].sum()}
+
+    @jax.jit
+    def eval_step(state, batch):
+        logits = model.apply({"params": state.params}, batch["x"], train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return {"loss": loss, "weight": jnp.ones_like(loss), "logits": logits,
+                "label": batch["label"], "mask": batch["mask"]}
+
+    train_iter = TrainIterator(from_arrays(make_data(n_train, 1)), BATCH, seed=seed)
+    eval_batches = EvalBatches(from_arrays(make_data(n_eval, 2)), BATCH)
+    return state, train_step, eval_step, train_iter, eval_batches
+
+
+def train(workdir: str | None, steps: int, every: int, hooks=(), checkpointer=None):
+    """The run the resume test repeats: eval and checkpoint every ``every`` steps."""
+    state, train_step, eval_step, train_iter, eval_batches = make_task()
+    return fit(state, train_step, train_iter, steps=steps, eval_step=eval_step,
+               eval_batches=eval_batches, eval_every=every, label_names=LABEL_NAMES,
+               workdir=workdir, checkpointer=checkpointer, checkpoint_every=every,
+               log_every=5, progress=False, hooks=hooks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--kill-at", type=int, default=None)
+    args = parser.parse_args()
+    checkpointer = Checkpointer(args.workdir, keep=2)
+
+    def kill_after_checkpoint(step, state, records):
+        if step == args.kill_at:
+            checkpointer.wait()  # the step's checkpoint is committed; now die hard
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    state, _ = train(args.workdir, args.steps, args.every, hooks=[kill_after_checkpoint],
+                     checkpointer=checkpointer)
+    checkpointer.close()
+    np.savez(os.path.join(args.workdir, "final_params.npz"),
+             **tree.flatten(jax.device_get(state.params)))
+
+
+if __name__ == "__main__":
+    # tensorboardX imports torch when it can (~2 s); this script has no use for it
+    sys.modules.setdefault("torch", None)
+    main()
