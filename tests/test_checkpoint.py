@@ -1,6 +1,8 @@
 """Checkpointer: round trips, retention, trainable-only checkpoints, clear errors."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +131,44 @@ def test_trainable_only_is_small_and_merges_into_pretrained(tmp_path):
     other, _, _ = Checkpointer(tmp_path / "small").restore(make_state(7, tx))
     np.testing.assert_array_equal(other.params["head"]["kernel"], trained.params["head"]["kernel"])
     assert not np.array_equal(other.params["backbone"]["kernel"], trained.params["backbone"]["kernel"])
+    with pytest.raises(CheckpointError, match=r"concrete \(pretrained\)[\s\S]*params/backbone/kernel"):
+        Checkpointer(tmp_path / "small").restore(jax.eval_shape(lambda: make_state(0, tx)))
+
+
+SHARDED_RESTORE = """
+import jax, jax.numpy as jnp, numpy as np, optax, sys
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxfer.train.checkpoint import Checkpointer
+from jaxfer.train.state import TrainState
+mesh = Mesh(np.array(jax.devices()), ("data",))
+def shard(x):
+    spec = P(None, "data") if x.ndim == 2 else P()
+    return jax.device_put(x, NamedSharding(mesh, spec))
+def make(seed):
+    params = {"w": jax.random.normal(jax.random.key(seed), (4, 6)), "b": jnp.zeros(6)}
+    return jax.tree.map(shard, TrainState.create(params, optax.adam(1e-2), rng=seed))
+state = make(0)
+ckpt = Checkpointer(sys.argv[1])
+ckpt.save(1, state)
+ckpt.wait()
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), make(1))
+restored, _, _ = ckpt.restore(abstract)
+for got, want, ref in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract), jax.tree.leaves(state)):
+    assert got.sharding == want.sharding, (got.sharding, want.sharding)
+    if jnp.issubdtype(got.dtype, jax.dtypes.prng_key):
+        got, ref = jax.random.key_data(got), jax.random.key_data(ref)
+    np.testing.assert_array_equal(got, ref)
+assert restored.params["w"].addressable_shards[0].data.shape == (4, 3)
+print("ok")
+"""
+
+
+def test_restore_onto_template_shardings(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_RESTORE, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 def test_mismatched_template_names_paths(tmp_path):

@@ -102,11 +102,22 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["20", "30"]  # keep=2
     final = dict(np.load(workdir / "final_params.npz"))
 
-    state, history = task.train(None, steps=30, every=10)
+    snapshots = {}
+
+    def snapshot(step, state, records):
+        if step % 10 == 0:
+            snapshots[step] = jax.device_get(state.params)
+
+    state, history = task.train(None, steps=30, every=10, hooks=[snapshot])
     expected = tree.flatten(jax.device_get(state.params))
     assert final.keys() == expected.keys()
     for path in expected:
         np.testing.assert_array_equal(final[path], expected[path], err_msg=path)
+    # step 20 was written asynchronously while training went on with donated buffers
+    restored, data_state, metrics = Checkpointer(workdir).restore(task.make_task()[0], step=20)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), snapshots[20])
+    assert data_state["iterator"] == {"epoch": 1, "index": 8, "seed": 0}  # 12 batches/epoch
+    assert metrics["num_examples"] == 37
     # the log reads like one run: records of the killed run after step 10 were dropped
     logged = read_jsonl(workdir / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in logged] == [(r["step"], r["split"]) for r in history]

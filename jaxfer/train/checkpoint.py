@@ -350,6 +350,13 @@ class Checkpointer:
                         if tuple(saved[p]["shape"]) != tuple(np.shape(expected[p])))
         if missing or unexpected or shapes:
             raise CheckpointError(_mismatch_message(self.step_dir(step), missing, unexpected, shapes))
+        abstract = sorted(p for p in optional - saved.keys()
+                          if isinstance(expected[p], jax.ShapeDtypeStruct))
+        if abstract:
+            raise CheckpointError(
+                f"checkpoint {self.step_dir(step)} holds only the trainable params; the "
+                f"others come from the template, which must hold concrete (pretrained) "
+                f"values for them, but {len(abstract)} are abstract, e.g. {abstract[:5]}")
         return {p: _abstract(expected[p]) for p in saved}
 
     @staticmethod

@@ -283,7 +283,8 @@ def fit(
       task, label_names: for :func:`jaxfer.metrics.compute`.
       workdir: where logs, plots and (by default) checkpoints go.
       checkpointer: default, when ``workdir`` and ``checkpoint_every`` are given,
-        ``Checkpointer(workdir, best_metric=..., best_mode=...)`` (closed at the end).
+        a ``Checkpointer(workdir)`` keeping the latest checkpoint and the best
+        by ``best_metric`` (closed at the end).
       checkpoint_every: save every this many steps (0: only at the end). Eval
         metrics are attached to a checkpoint only when evaluation ran at that
         step, so align it with ``eval_every`` for best-checkpoint retention.
@@ -301,9 +302,15 @@ def fit(
     """
     shard_batch = shard_batch or _identity
     workdir = os.fspath(workdir) if workdir is not None else None
+    can_eval = eval_step is not None and eval_batches is not None
+    if (eval_every or patience) and not can_eval:
+        raise ValueError("eval_every and patience need eval_step and eval_batches")
+    if not hasattr(train_iter, "__next__"):
+        train_iter = iter(train_iter)
     own_checkpointer = checkpointer is None and workdir is not None and checkpoint_every > 0
     if own_checkpointer:
-        checkpointer = Checkpointer(workdir, best_metric=best_metric, best_mode=best_mode)
+        checkpointer = Checkpointer(workdir, keep=1, keep_best=1 if can_eval else 0,
+                                    best_metric=best_metric, best_mode=best_mode)
     state, saved, resumed = initial_state(checkpointer, state)
     saved = saved or {}
     iterator_state = saved["iterator"] if "iterator" in saved else (saved or None)
@@ -314,7 +321,6 @@ def fit(
         logger.info("resumed from %s at step %d", checkpointer.directory, start)
     log = _RunLog(workdir, start if resumed else None, config)
     stopper = _EarlyStopping(best_metric, best_mode, patience, saved.get("early_stopping"))
-    can_eval = eval_step is not None and eval_batches is not None
 
     from tqdm.auto import tqdm
 
