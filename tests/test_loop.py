@@ -121,3 +121,59 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     # the log reads like one run: records of the killed run after step 10 were dropped
     logged = read_jsonl(workdir / "metrics.jsonl")
     assert [(r["step"], r["split"]) for r in logged] == [(r["step"], r["split"]) for r in history]
+
+
+MULTIHOST_EVAL = """
+import os, sys
+pid, port = int(sys.argv[1]), sys.argv[2]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+import jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxfer.data.iterators import EvalBatches
+from jaxfer.data.sources import from_arrays
+from jaxfer.train.loop import evaluate, predict
+import _resume_script as task
+
+mesh = Mesh(np.array(jax.devices()), ("data",))
+data = task.make_data(37, 2)
+local = {k: v[pid::2] for k, v in data.items()}  # 19 and 18 examples
+batches = EvalBatches(from_arrays(local), 4, num_batches=5)  # global batch 8, same count
+w = jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.eye(8, 3, dtype=np.float32))
+
+def shard(batch):
+    return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), v)
+            for k, v in batch.items()}
+
+@jax.jit
+def eval_step(w, batch):
+    logits = batch["x"] @ w
+    loss = -jax.nn.log_softmax(logits)[jnp.arange(len(logits)), batch["label"]]
+    return {"loss": loss, "logits": logits, "label": batch["label"], "mask": batch["mask"]}
+
+report = evaluate(w, eval_step, batches, task="classification", shard_batch=shard)
+labels = predict(w, eval_step, batches, shard_batch=shard)["label"]
+assert report["num_examples"] == 37, report["num_examples"]
+assert sorted(labels.tolist()) == sorted(data["label"].tolist())
+support = [row["support"] for row in report["per_class"].values()]
+assert support == np.bincount(data["label"], minlength=3).tolist(), support
+preds = (data["x"] @ np.eye(8, 3)).argmax(-1)
+assert abs(report["accuracy"] - float((preds == data["label"]).mean())) < 1e-9
+print("ok", pid)
+"""
+
+
+def test_evaluate_across_two_processes_counts_each_example_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(__file__)}
+    procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST_EVAL, str(pid), port], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for pid, (proc, (out, err)) in enumerate(zip(procs, outs)):
+        assert proc.returncode == 0 and out.strip().splitlines()[-1] == f"ok {pid}", err[-3000:]
