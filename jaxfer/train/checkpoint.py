@@ -38,7 +38,6 @@ with the same workdir; to start over, use a new workdir.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
