@@ -168,6 +168,22 @@ def _split_micro_batches(batch: Mapping[str, Any], k: int) -> dict:
     return jax.tree_util.tree_map(lambda x: jnp.reshape(x, (k, size // k) + jnp.shape(x)[1:]), dict(batch))
 
 
+def _sync_model_state(model_state: PyTree, frozen_modules: frozenset[str], axis_name: str) -> PyTree:
+    """Average float collections (batch statistics) over the replicas, so they stay equal.
+
+    Frozen modules are skipped: their statistics are already equal, and a mean of
+    equal floats need not be bit-identical to them.
+    """
+
+    def sync(path, x):
+        module = tree.SEP.join(path.split(tree.SEP)[1:-1])  # drop collection and variable name
+        if module in frozen_modules or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return jax.lax.pmean(x, axis_name)
+
+    return tree.map_with_path(sync, model_state)
+
+
 def _all_true(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda _: True, params)
 
@@ -193,7 +209,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
       lr_schedule: reported as ``metrics["lr"] = lr_schedule(state.step)``.
       axis_name: for ``jax.pmap(step, axis_name=...)``: loss sums, weights,
         gradients and metrics are summed over the axis before dividing, so the
-        replicas take the global-batch step. The step is then not jitted.
+        replicas take the global-batch step; float model state (batch
+        statistics) is averaged over the axis. The step is then not jitted.
       jit / donate: ``jax.jit`` the step, donating the state's buffers.
       frozen_batch_norm: run batch norms with frozen scale/bias on their running
         statistics (and leave those fixed).
@@ -257,6 +274,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
             jnp.asarray(_batch_size(batch), jnp.float32)
         if axis_name is not None:
             grads, loss_sum, weight_sum, examples = jax.lax.psum((grads, loss_sum, weight_sum, examples), axis_name)
+            model_state = _sync_model_state(model_state, frozen_bn, axis_name)
         # a batch of padding only has weight 0 and gradient 0: keep it a no-op, not 0/0
         denom = jnp.maximum(weight_sum, jnp.finfo(jnp.float32).tiny)
         grads = jax.tree_util.tree_map(lambda g: g / denom.astype(g.dtype), grads)
@@ -276,10 +294,12 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
     if axis_name is not None or not jit:
         return step
-    return jax.jit(step, donate_argnums=(0,) if donate else (),
-                   in_shardings=(state_sharding, batch_sharding) if state_sharding is not None
-                   or batch_sharding is not None else None,
-                   out_shardings=(state_sharding, None) if state_sharding is not None else None)
+    shardings = {}
+    if state_sharding is not None or batch_sharding is not None:
+        shardings["in_shardings"] = (state_sharding, batch_sharding)
+    if state_sharding is not None:
+        shardings["out_shardings"] = (state_sharding, None)
+    return jax.jit(step, donate_argnums=(0,) if donate else (), **shardings)
 
 
 # ---------------------------------------------------------------- eval step
