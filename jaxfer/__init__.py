@@ -1,0 +1,33 @@
+"""jaxfer: functional transfer learning for JAX and Flax.
+
+    import jaxfer as jf
+
+    model = jf.load("path/or/hub-id", head=jf.heads.Classifier(num_classes=3))
+    rules = [("classifier/**", 1.0), ("bert/encoder/layer/[45]/**", 0.5), ("**", None)]
+    print(jf.explain(model.params, rules))
+    tx = jf.optim.build(optax.adamw(3e-4), rules)
+    step = jf.make_train_step(jf.model_apply(model), jf.losses.softmax_cross_entropy(),
+                              tx, jf.masks.trainable_mask(model.params, rules))
+    state, history = jf.fit(jf.TrainState.create(model.params, tx, model_state=model.state),
+                            step, train_batches, steps=1000)
+
+See the README for the tour and ``jaxfer train --config ...`` for recipes.
+"""
+
+from jaxfer import config, data, masks, metrics, optim, tree
+from jaxfer.masks import explain
+from jaxfer.models import heads
+from jaxfer.train import checkpoint, losses, parallel
+from jaxfer.train.checkpoint import Checkpointer
+from jaxfer.train.loop import evaluate, fit, predict
+from jaxfer.train.state import TrainState
+from jaxfer.train.step import linen_apply, make_eval_step, make_train_step, model_apply
+from jaxfer.weights import surgery
+from jaxfer.weights.load import Model, load
+
+__all__ = [
+    "Checkpointer", "Model", "TrainState", "checkpoint", "config", "data", "evaluate", "explain",
+    "fit", "heads", "linen_apply", "load", "losses", "make_eval_step", "make_train_step", "masks",
+    "metrics", "model_apply", "optim", "parallel", "predict", "surgery", "tree",
+]
+__version__ = "0.1.0"

