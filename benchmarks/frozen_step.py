@@ -197,8 +197,8 @@ def main(argv=None) -> None:
         cells = [setting, f"{j['trainable']:,}", f"{j['flops'] / 1e9:.1f}",
                  "-" if t is None else f"{t['flops'] / 1e9:.1f}", f"{j['seconds'] * 1e3:.0f}",
                  "-" if t is None else f"{t['seconds'] * 1e3:.0f}",
-                 "-" if t is None else f"{j['seconds'] / t['seconds']:.2f}", f"{j['opt_bytes'] / 2**20:.1f}",
-                 "-" if t is None else f"{t['opt_bytes'] / 2**20:.1f}"]
+                 "-" if t is None else f"{j['seconds'] / t['seconds']:.2f}", f"{j['opt_bytes'] / 2**20:.3g}",
+                 "-" if t is None else f"{t['opt_bytes'] / 2**20:.3g}"]
         print("| " + " | ".join(cells) + " |", flush=True)
     full = rows["full"][0]
     print("\njax relative to its own full fine-tune: " + ", ".join(
