@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -66,6 +67,16 @@ def init_distributed(args) -> None:
         jax.distributed.initialize()
 
 
+def _show_progress_logs() -> None:
+    """jaxfer's own INFO messages (resumed from ..., evaluations) on stderr."""
+    logger = logging.getLogger("jaxfer")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("jaxfer: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = config_lib.split_overrides(argv)
@@ -75,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"jaxfer: {e.args[0] if e.args else e}") from None
     init_distributed(args)
+    _show_progress_logs()
 
     from jaxfer import experiment
 

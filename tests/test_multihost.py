@@ -30,7 +30,7 @@ def _free_port() -> int:
 def _args(bert, csv, workdir, steps):
     return ["--config", RECIPE, f"--config.model.source={bert}", f"--config.data.path={csv}",
             "--config.data.batch_size=8", "--config.data.eval_batch_size=16",
-            "--config.data.max_eval_examples=0", "--config.optim.schedule=constant",
+            "--config.data.max_eval_examples=0", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
             f"--config.train.steps={steps}", "--config.train.eval_every=3",
             "--config.train.checkpoint_every=3", "--config.train.log_every=1",
             "--workdir", str(workdir), "--no_progress"]
