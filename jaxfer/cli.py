@@ -75,6 +75,7 @@ def _show_progress_logs() -> None:
         handler.setFormatter(logging.Formatter("jaxfer: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # absl/orbax may give the root logger a handler too
 
 
 def main(argv: list[str] | None = None) -> int:

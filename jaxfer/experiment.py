@@ -115,7 +115,9 @@ def build_data(cfg, model: Model) -> Data:
              "validation": getattr(val_src, "total", len(val_src)),
              "test": getattr(test_src, "total", len(test_src))}
     if d.get("max_eval_examples") and d.kind != "tfds" and len(val_src) > d.max_eval_examples:
-        val_src = val_src.select(np.arange(d.max_eval_examples))
+        # a seeded random subset: files are often sorted by class or source
+        keep = np.random.default_rng(cfg.seed).permutation(len(val_src))[: d.max_eval_examples]
+        val_src = val_src.select(np.sort(keep))
     common: dict[str, Any] = {"seed": cfg.seed}
     if d.kind in ("csv", "jsonl"):
         tok = model.tokenizer()
@@ -148,7 +150,7 @@ def build_optimizer(cfg, model: Model):
                              num_layers=num_layers, layer_pattern=layer_index_fn(model))
 
 
-def explain(cfg, model: Model | None = None) -> masks.Table:
+def explain(cfg, model: Model | None = None, depth: int | None = None) -> masks.Table:
     """The table ``jaxfer inspect`` prints: what trains, at which lr, and why."""
     model = model if model is not None else build_model(cfg)
     decay = cfg.optim.get("layer_decay") or None
@@ -157,7 +159,7 @@ def explain(cfg, model: Model | None = None) -> masks.Table:
                          if cfg.optim.get("weight_decay") else None,
                          layer_decay=decay,
                          num_layers=model.family.num_layers(model.config) if decay else None,
-                         layer_pattern=layer_index_fn(model) if decay else None)
+                         layer_pattern=layer_index_fn(model) if decay else None, depth=depth)
 
 
 @dataclasses.dataclass
@@ -226,9 +228,8 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     """Run a recipe to the end and report validation/test metrics and the baseline."""
     t0 = time.time()
     run = setup(cfg, workdir)
-    _log(run.model.report.summary() if hasattr(run.model.report, "summary") else str(run.model.report))
-    table = explain(cfg, run.model)
-    _log(table.summary() if hasattr(table, "summary") else str(table))
+    _log(str(run.model.report))
+    _log(str(explain(cfg, run.model, depth=4)))  # per layer; `jaxfer inspect` shows every leaf
     _log(f"data: {run.data.sizes}")
     state, history = loop.fit(
         run.state, run.train_step, run.data.train, steps=cfg.train.steps,
@@ -238,11 +239,13 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         log_every=cfg.train.log_every, best_metric=cfg.train.best_metric,
         best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
         config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress)
+    trained_steps = int(jax.device_get(_step(state)))
     if run.checkpointer is not None and cfg.train.get("test_with_best", True) and run.checkpointer.best_step() is not None:
-        state, _, _ = run.checkpointer.restore(state, best=True)
+        state, _, _ = run.checkpointer.restore(state, best=True)  # best by validation
     test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
                          label_names=run.data.label_names, shard_batch=run.shard_batch)
-    result = {"test": test, "seconds": time.time() - t0, "steps": int(jax.device_get(_step(state)))}
+    result = {"test": test, "seconds": time.time() - t0, "steps": trained_steps,
+              "tested_step": int(jax.device_get(_step(state)))}
     if cfg.task == "classification" and run.data.train_labels is not None and run.data.test_labels is not None:
         result["majority_baseline"] = metrics.majority_baseline(
             run.data.train_labels, run.data.test_labels, cfg.model.num_classes)
@@ -308,6 +311,6 @@ def format_result(result: dict[str, Any], label_names=None) -> str:
         lines.append(f"majority-class baseline: accuracy {base['accuracy']:.4f}  "
                      f"macro-F1 {base['macro_f1']:.4f}")
         lines.append(f"model:                   accuracy {test['accuracy']:.4f}  "
-                     f"macro-F1 {test['macro_f1']:.4f}  ({result['steps']} steps, "
-                     f"{result['seconds']:.0f} s)")
+                     f"macro-F1 {test['macro_f1']:.4f}  (checkpoint of step {result['tested_step']} "
+                     f"of {result['steps']}, best on validation; {result['seconds']:.0f} s in all)")
     return "\n".join(lines)

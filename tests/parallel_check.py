@@ -11,6 +11,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import json  # noqa: E402
+import sys  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -92,6 +93,20 @@ def main():
                      if hasattr(x, "sharding") and x.shape == kernel.shape]
             out[name]["adam_moment_specs"] = specs
             out[name]["bias_spec"] = str(state.params["classifier"]["bias"].sharding.spec)
+    if len(sys.argv) > 1:  # a tiny BERT checkpoint: load it straight into the FSDP layout
+        from jaxfer.models import heads
+        from jaxfer.weights.load import load
+
+        fsdp = parallel.JitStrategy(parallel.make_mesh(data=2, fsdp=-1), min_fsdp_size=256)
+        sharded = load(sys.argv[1], head=heads.Classifier(3), place=fsdp.param_placer())
+        plain = load(sys.argv[1], head=heads.Classifier(3))
+        leaf = sharded.params["bert"]["embeddings"]["word_embeddings"]["embedding"]
+        same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                                      sharded.params, plain.params)
+        out["load"] = {"embedding_spec": str(leaf.sharding.spec),
+                       "embedding_shard_shape": list(leaf.addressable_shards[0].data.shape),
+                       "embedding_shape": list(leaf.shape),
+                       "all_equal": all(jax.tree_util.tree_leaves(same))}
     try:
         parallel.JitStrategy(parallel.make_mesh(data=-1)).shard_batch(
             {"x": np.zeros((12, 64), np.float32)})

@@ -19,9 +19,12 @@ HERE = os.path.dirname(__file__)
 
 
 @pytest.fixture(scope="module")
-def result():
+def result(tmp_path_factory):
+    from tests import stand_ins
+
+    bert = stand_ins.tiny_bert(str(tmp_path_factory.mktemp("bert")), num_layers=2)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "parallel_check.py")],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "parallel_check.py"), bert],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -42,6 +45,13 @@ def test_fsdp_really_splits_params_and_adam_moments(result):
     assert np.prod(r["hidden_kernel_shard_shape"]) * 4 == np.prod(r["hidden_kernel_shape"])
     assert r["adam_moment_specs"] and all("fsdp" in s for s in r["adam_moment_specs"])
     assert "fsdp" not in r["bias_spec"]  # small leaves stay replicated
+
+
+def test_pretrained_weights_load_straight_into_fsdp_shards(result):
+    r = result["load"]
+    assert "fsdp" in r["embedding_spec"]  # (30522, 16): 30522 is not a multiple of 4, so the hidden dimension is split
+    assert np.prod(r["embedding_shard_shape"]) * 4 == np.prod(r["embedding_shape"])
+    assert r["all_equal"]  # same values as a plain load
 
 
 def test_batch_that_does_not_divide_is_a_clear_error(result):

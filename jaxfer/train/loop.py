@@ -343,6 +343,7 @@ def fit(
             bar.update(1)
             records: list[dict] = []
             if step % log_every == 0 or step == steps:
+                jax.block_until_ready(step_metrics)  # time the computation, not its dispatch
                 now = time.perf_counter()
                 record = _window_record(step, window, window_examples, now - window_start)
                 window, window_examples, window_start = [], 0, now
@@ -359,6 +360,8 @@ def fit(
                 log.write(record)
                 records.append(record)
                 stop = stopper.update(step, eval_report)
+                logger.info("step %d: eval %s", step, "  ".join(
+                    f"{k} {v:.4g}" for k, v in _scalars(eval_report).items() if k != "num_examples"))
                 window_start = time.perf_counter()  # keep eval time out of examples/s
             if checkpointer is not None and (
                     (checkpoint_every and step % checkpoint_every == 0) or step == steps or stop):
