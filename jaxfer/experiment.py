@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,10 +30,6 @@ from jaxfer.train import loop, losses, parallel, step as step_lib
 from jaxfer.train.state import TrainState
 from jaxfer.weights.load import Model, load as load_weights
 
-PROBLEM_TYPE = {"classification": "single_label", "multi_label": "multi_label",
-                "regression": "single_label"}
-
-
 # ------------------------------------------------------------------- model
 def head_for(cfg) -> heads.Classifier:
     m = cfg.model
@@ -48,17 +43,6 @@ def build_model(cfg, *, place=None) -> Model:
     """``jaxfer.load(model.source, head=Classifier(...), reinit=model.reinit)``."""
     return load_weights(cfg.model.source, head=head_for(cfg), reinit=tuple(cfg.model.reinit),
                          rng=cfg.seed, place=place)
-
-
-def layer_index_fn(model: Model):
-    """``path -> layer index | None`` from the model family's layer pattern."""
-    rx = re.compile(model.family.layer_pattern)
-
-    def index(path: str) -> int | None:
-        m = rx.search(path)
-        return int(m.group(1)) if m else None
-
-    return index
 
 
 # -------------------------------------------------------------------- data
@@ -147,7 +131,7 @@ def _rules(cfg) -> list[tuple[str, Any]]:
 def build_optimizer(cfg, model: Model):
     num_layers = model.family.num_layers(model.config)
     return optim.from_config(cfg.optim, _rules(cfg), total_steps=cfg.train.steps,
-                             num_layers=num_layers, layer_pattern=layer_index_fn(model))
+                             num_layers=num_layers, layer_pattern=model.family.layer_pattern)
 
 
 def explain(cfg, model: Model | None = None, depth: int | None = None) -> masks.Table:
@@ -159,7 +143,7 @@ def explain(cfg, model: Model | None = None, depth: int | None = None) -> masks.
                          if cfg.optim.get("weight_decay") else None,
                          layer_decay=decay,
                          num_layers=model.family.num_layers(model.config) if decay else None,
-                         layer_pattern=layer_index_fn(model) if decay else None, depth=depth)
+                         layer_pattern=model.family.layer_pattern if decay else None, depth=depth)
 
 
 @dataclasses.dataclass
@@ -186,13 +170,14 @@ def setup(cfg, workdir: str | None) -> Run:
     data = build_data(cfg, model)
     tx, schedule = build_optimizer(cfg, model)
     trainable = trainable_mask(cfg, model.params)
-    state = TrainState.create(model.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state)
+    state = TrainState.create(model.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
+                              copy=False)  # the run keeps no other use for the loaded arrays
     loss_fn = losses.for_problem_type(head_for(cfg).problem_type)
     apply_fn = step_lib.model_apply(model)
     state = strategy.place_state(state)
     train_step = strategy.train_step(apply_fn, loss_fn, tx, trainable,
                                      micro_batches=cfg.optim.get("accumulate", 1) or 1,
-                                     lr_schedule=schedule, state=state)
+                                     lr_schedule=schedule)
     eval_step = strategy.eval_step(apply_fn, loss_fn)
     ckpt = checkpointer(cfg, workdir, trainable, strategy) if workdir else None
     return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,

@@ -55,7 +55,7 @@ def run(strategy):
     tx = optimizer(trainable)
     state = strategy.place_state(TrainState.create(params, tx, rng=jax.random.key(1)))
     train_step = strategy.train_step(step_lib.linen_apply(module, ("x",)),
-                                     losses.softmax_cross_entropy(), tx, trainable, state=state)
+                                     losses.softmax_cross_entropy(), tx, trainable)
     losses_seen = []
     for batch in batches():
         state, metrics = train_step(state, strategy.shard_batch(batch))

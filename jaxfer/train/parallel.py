@@ -231,7 +231,7 @@ class JitStrategy(Strategy):
         # leaves already global (loaded sharded) may sit on another layout: reshard
         return jax.jit(lambda s: s, out_shardings=self.state_sharding)(state)
 
-    def train_step(self, apply_fn, loss_fn, tx, trainable, *, state=None, **kw):
+    def train_step(self, apply_fn, loss_fn, tx, trainable, **kw):
         from jaxfer.train import step as step_lib
 
         return step_lib.make_train_step(apply_fn, loss_fn, tx, trainable,
@@ -290,7 +290,7 @@ class PmapStrategy(Strategy):
     def place_state(self, state):
         return replicate(state, self.devices)
 
-    def train_step(self, apply_fn, loss_fn, tx, trainable, *, state=None, **kw):
+    def train_step(self, apply_fn, loss_fn, tx, trainable, **kw):
         from jaxfer.train import step as step_lib
 
         inner = step_lib.make_train_step(apply_fn, loss_fn, tx, trainable, axis_name=AXIS,

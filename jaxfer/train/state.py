@@ -33,13 +33,24 @@ class TrainState:
 
     @classmethod
     def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array | int = 0,
-               model_state: PyTree | None = None) -> "TrainState":
+               model_state: PyTree | None = None, *, copy: bool = True) -> "TrainState":
+        """A step-0 state; ``tx.init(params)`` builds the optimizer state.
+
+        The train step donates its state, so the arrays a state holds are
+        consumed by the first step. ``copy=True`` (the default) gives the state
+        its own copies, so the arrays passed in (``model.params``, the pretrained
+        weights) stay usable; pass ``copy=False`` when memory is tight and the
+        inputs are not needed again.
+        """
         if isinstance(rng, int):
             rng = jax.random.key(rng)
+        model_state = {} if model_state is None else model_state
+        if copy:
+            params, model_state = jax.tree_util.tree_map(jnp.copy, (params, model_state))
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=rng,
-            model_state={} if model_state is None else model_state,
+            model_state=model_state,
         )
