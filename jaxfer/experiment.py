@@ -151,7 +151,7 @@ class Run:
     """Everything a recipe builds before the first step."""
     cfg: Any
     model: Model
-    data: Data
+    data: Data | None  # None when only the model is needed (predict)
     state: Any
     train_step: Any
     eval_step: Any
@@ -161,13 +161,13 @@ class Run:
     strategy: Any
 
 
-def setup(cfg, workdir: str | None) -> Run:
+def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     parallel.check_batch_size(cfg.data.batch_size, mesh)
     parallel.check_batch_size(cfg.data.eval_batch_size, mesh)
     strategy = parallel.Strategy.from_config(cfg.mesh, mesh)
     model = build_model(cfg, place=strategy.param_placer(cfg))
-    data = build_data(cfg, model)
+    data = build_data(cfg, model) if with_data else None
     tx, schedule = build_optimizer(cfg, model)
     trainable = trainable_mask(cfg, model.params)
     state = TrainState.create(model.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
@@ -193,9 +193,9 @@ def checkpointer(cfg, workdir: str, trainable, strategy) -> checkpoint_lib.Check
     return strategy.wrap_checkpointer(ckpt)
 
 
-def restore_trained(cfg, workdir: str) -> Run:
+def restore_trained(cfg, workdir: str, *, with_data: bool = True) -> Run:
     """A run whose state is the workdir's best checkpoint (or latest, without evaluations)."""
-    run = setup(cfg, None)
+    run = setup(cfg, None, with_data=with_data)
     ckpt = checkpointer(cfg, workdir, run.trainable, run.strategy)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir!r}: train first "
@@ -258,7 +258,7 @@ def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[s
     """Class probabilities for raw texts, from the workdir's best/latest checkpoint
     (without a workdir: the freshly loaded model, head untrained)."""
     if workdir:
-        run = restore_trained(cfg, workdir)
+        run = restore_trained(cfg, workdir, with_data=False)
         model, params = run.model, run.state.params
     else:
         model = build_model(cfg)
