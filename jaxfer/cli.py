@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     _show_progress_logs()
 
     from jaxfer import experiment
+    from jaxfer.train import checkpoint
 
     if args.command == "train":
         if args.workdir:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             raise SystemExit("jaxfer eval: --workdir (the run to evaluate) is required")
         result = experiment.evaluate(cfg, args.workdir, args.split)
-        print(json.dumps(experiment._jsonable(result), indent=1))
+        print(json.dumps(checkpoint.to_jsonable(result), indent=1))
     elif args.command == "predict":
         if not args.text:
             raise SystemExit("jaxfer predict: give at least one --text")

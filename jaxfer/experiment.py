@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfer import masks, metrics, optim, tree
+from jaxfer import masks, metrics, optim
 from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
@@ -225,7 +225,7 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
         config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress)
     trained_steps = int(jax.device_get(_step(state)))
-    if run.checkpointer is not None and cfg.train.get("test_with_best", True) and run.checkpointer.best_step() is not None:
+    if run.checkpointer is not None and run.checkpointer.best_step() is not None:
         state, _, _ = run.checkpointer.restore(state, best=True)  # best by validation
     test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
                          label_names=run.data.label_names, shard_batch=run.shard_batch)
@@ -234,10 +234,10 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     if cfg.task == "classification" and run.data.train_labels is not None and run.data.test_labels is not None:
         result["majority_baseline"] = metrics.majority_baseline(
             run.data.train_labels, run.data.test_labels, cfg.model.num_classes)
-    _log(format_result(result, run.data.label_names))
+    _log(format_result(result))
     if workdir and jax.process_index() == 0:
         with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
-            json.dump(_jsonable(result), f, indent=1)
+            json.dump(checkpoint_lib.to_jsonable(result), f, indent=1)
     return result
 
 
@@ -276,21 +276,9 @@ def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[s
 
 
 # --------------------------------------------------------------- reporting
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    return x
-
-
-def format_result(result: dict[str, Any], label_names=None) -> str:
+def format_result(result: dict[str, Any]) -> str:
     test = result["test"]
-    lines = [f"test: {metrics.format_report(test)}" if hasattr(metrics, "format_report") else f"test: {test}"]
+    lines = [f"test: {metrics.format_report(test)}"]
     base = result.get("majority_baseline")
     if base is not None:
         lines.append(f"majority-class baseline: accuracy {base['accuracy']:.4f}  "
