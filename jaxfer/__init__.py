@@ -15,7 +15,7 @@ See the README for the tour and ``jaxfer train --config ...`` for recipes.
 """
 
 from jaxfer import config, data, masks, metrics, optim, tree
-from jaxfer.masks import explain
+from jaxfer.param_table import explain
 from jaxfer.models import heads
 from jaxfer.train import checkpoint, losses, parallel
 from jaxfer.train.checkpoint import Checkpointer

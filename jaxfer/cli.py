@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         result = experiment.evaluate(cfg, args.workdir, args.split)
         print(json.dumps(checkpoint.to_jsonable(result), indent=1))
     elif args.command == "predict":
+        if cfg.data.kind not in ("csv", "jsonl"):
+            raise SystemExit(f"jaxfer predict classifies --text for text recipes; this recipe reads "
+                             f"{cfg.data.kind!r} data: use jaxfer.predict(state, eval_step, batches) in Python")
         if not args.text:
             raise SystemExit("jaxfer predict: give at least one --text")
         for row in experiment.predict_texts(cfg, args.workdir, args.text):

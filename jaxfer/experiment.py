@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfer import masks, metrics, optim
+from jaxfer import masks, metrics, optim, param_table
 from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
@@ -134,11 +134,11 @@ def build_optimizer(cfg, model: Model):
                              num_layers=num_layers, layer_pattern=model.family.layer_pattern)
 
 
-def explain(cfg, model: Model | None = None, depth: int | None = None) -> masks.Table:
+def explain(cfg, model: Model | None = None, depth: int | None = None) -> param_table.Table:
     """The table ``jaxfer inspect`` prints: what trains, at which lr, and why."""
     model = model if model is not None else build_model(cfg)
     decay = cfg.optim.get("layer_decay") or None
-    return masks.explain(model.params, _rules(cfg),
+    return param_table.explain(model.params, _rules(cfg),
                          weight_decay_mask=masks.default_weight_decay_mask(model.params)
                          if cfg.optim.get("weight_decay") else None,
                          layer_decay=decay,

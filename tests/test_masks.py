@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxfer import masks as M
-from jaxfer import tree
+from jaxfer import param_table, tree
 
 L = 4
 
@@ -190,7 +190,7 @@ def test_layer_decay_multipliers_beit_convention():
 # ----------------------------------------------------------------- explain
 def test_explain_totals_and_render():
     rules = [("classifier/**", 1.0), (M.layers(2), 0.5), ("**", None)]
-    table = M.explain(PARAMS, rules, weight_decay_mask=M.default_weight_decay_mask, layer_decay=0.5)
+    table = param_table.explain(PARAMS, rules, weight_decay_mask=M.default_weight_decay_mask, layer_decay=0.5)
     t = table.totals
     assert t["params"] == tree.count(PARAMS) == sum(r.count for r in table.rows)
     trainable = M.trainable_mask(PARAMS, rules)
@@ -207,13 +207,13 @@ def test_explain_totals_and_render():
     assert "decided by" in text and "layers(2)" in text and f"{t['params']:,}" in text
     assert "bert/encoder/layer/3/output/dense/kernel" in text and "(8, 4)" in text
 
-    grouped = M.explain(PARAMS, rules, depth=2)
+    grouped = param_table.explain(PARAMS, rules, depth=2)
     g = {r.path: r for r in grouped.rows}
     assert set(g) == {"bert/embeddings/**", "bert/encoder/**", "bert/pooler/**",
                       "classifier/kernel", "classifier/bias"}  # leaves at depth <= 2 stay rows
     assert g["bert/encoder/**"].trainable == "partial" and g["bert/embeddings/**"].trainable is False
     assert g["bert/encoder/**"].count == tree.count(PARAMS["bert"]["encoder"])
-    assert grouped.totals == M.explain(PARAMS, rules).totals
+    assert grouped.totals == param_table.explain(PARAMS, rules).totals
 
 
 def test_default_weight_decay_mask():
