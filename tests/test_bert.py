@@ -123,3 +123,23 @@ def test_minilm_sentence_embeddings_match_torch():
     assert ours.shape == (3, 384)
     sims = ours @ ours.T
     assert np.allclose(np.diag(sims), 1.0, atol=1e-5) and sims[0, 2] < 0.99
+
+
+def test_roberta_backbone_parity(tmp_path):
+    """RoBERTa: same blocks, positions counted from pad_token_id + 1 over non-pad tokens."""
+    torch.manual_seed(1)
+    config = transformers.RobertaConfig(**{**TINY, "max_position_embeddings": 64 + 2,
+                                           "type_vocab_size": 1, "pad_token_id": 1})
+    ref_model = transformers.RobertaModel(config).eval()
+    ref_model.save_pretrained(tmp_path)
+    ids, mask, _ = inputs()
+    ids = np.where(mask == 1, np.maximum(ids, 2), 1)  # padding positions hold the pad token
+    types = np.zeros_like(ids)
+    model = jw.load(tmp_path)
+    assert model.family.model_type == "roberta"
+    out = model.apply(None, ids, attention_mask=mask, token_type_ids=types)
+    ref = torch_out(ref_model, ids, mask, types)
+    d_last = maxdiff(out["last_hidden_state"], ref.last_hidden_state, mask)
+    d_pool = maxdiff(out["pooler_output"], ref.pooler_output)
+    print(f"RoBERTa parity: last_hidden_state {d_last:.2e}, pooler_output {d_pool:.2e}")
+    assert d_last <= TOL and d_pool <= TOL
