@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", default=[], help="(predict) a text to classify; repeatable")
     p.add_argument("--split", default="test", choices=("test", "validation"), help="(eval) which split")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--debug", action="store_true", help="full tracebacks for configuration errors")
     g = p.add_argument_group("multi-host (jax.distributed)")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with the cluster's auto-detected settings")
@@ -89,6 +90,24 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(args)
     _show_progress_logs()
 
+    try:
+        return _run(args, cfg)
+    except _user_errors() as e:  # a bad rule, checkpoint or path: the message says it all
+        if args.debug:
+            raise
+        raise SystemExit(f"jaxfer {args.command}: {type(e).__name__}: {e}") from None
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jaxfer import masks, tree
+    from jaxfer.train.checkpoint import CheckpointError
+    from jaxfer.weights import CheckpointError as WeightsError, LoadError
+
+    return (tree.NoMatchError, masks.ShadowedRuleError, masks.UnmatchedPathError, LoadError,
+            WeightsError, CheckpointError, FileNotFoundError)
+
+
+def _run(args, cfg) -> int:
     from jaxfer import experiment
     from jaxfer.train import checkpoint
 

@@ -167,9 +167,9 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     parallel.check_batch_size(cfg.data.eval_batch_size, mesh)
     strategy = parallel.Strategy.from_config(cfg.mesh, mesh)
     model = build_model(cfg, place=strategy.param_placer(cfg))
-    data = build_data(cfg, model) if with_data else None
+    trainable = trainable_mask(cfg, model.params)  # bad rules fail here, before data loads
     tx, schedule = build_optimizer(cfg, model)
-    trainable = trainable_mask(cfg, model.params)
+    data = build_data(cfg, model) if with_data else None
     state = TrainState.create(model.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
                               copy=False)  # the run keeps no other use for the loaded arrays
     loss_fn = losses.for_problem_type(head_for(cfg).problem_type)

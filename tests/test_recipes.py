@@ -76,6 +76,13 @@ def test_unknown_config_key_is_an_error_naming_it(text_stand_ins, tmp_path):
         cli.main(["train", *args, "--config.optim.learning_rate=1e-3"])
 
 
+def test_rule_matching_nothing_stops_before_training_with_nearest_paths(text_stand_ins, tmp_path):
+    args = _text_args("top2", text_stand_ins, tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"(?s)layer/9/\*\*.*matches no parameter path.*bert/encoder/layer/5"):
+        cli.main(["train", *args, "--config.rules=(('bert/encoder/layer/9/**', 1.0), ('**', None))"])
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 @pytest.mark.parametrize("variant", RECIPES["vit_cifar10.py"])
 def test_vit_cifar10_on_mock_tfds(variant, tmp_path, capsys):
     tfds = pytest.importorskip("tensorflow_datasets")
