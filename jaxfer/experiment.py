@@ -166,7 +166,7 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     parallel.check_batch_size(cfg.data.batch_size, mesh)
     parallel.check_batch_size(cfg.data.eval_batch_size, mesh)
     strategy = parallel.Strategy.from_config(cfg.mesh, mesh)
-    model = build_model(cfg, place=strategy.param_placer(cfg))
+    model = build_model(cfg, place=strategy.param_placer())
     trainable = trainable_mask(cfg, model.params)  # bad rules fail here, before data loads
     tx, schedule = build_optimizer(cfg, model)
     data = build_data(cfg, model) if with_data else None

@@ -207,7 +207,7 @@ class JitStrategy(Strategy):
         self.mesh, self.rules, self.min_fsdp_size = mesh, rules, min_fsdp_size
         self.state_sharding = None
 
-    def param_placer(self, cfg=None):
+    def param_placer(self):
         """``place(collection, path, value, dtype)`` for ``jaxfer.load``: each
         converted leaf goes straight to its shard, never whole onto one device."""
         engine = ShardingRules(self.mesh, self.rules, min_fsdp_size=self.min_fsdp_size)
@@ -284,7 +284,7 @@ class PmapStrategy(Strategy):
         self.devices = list(devices or jax.local_devices())
         self.n = len(self.devices)
 
-    def param_placer(self, cfg=None):
+    def param_placer(self):
         return None
 
     def place_state(self, state):

@@ -100,12 +100,23 @@ class Model:
         return self.source if self.source.is_dir() else self.source.parent
 
 
-def _init(module, family, config, rng) -> dict:
+def _init(module, family, config, rng, only: Sequence[tuple[str, str]] | None = None) -> dict:
+    """Random variables for ``module``; with ``only``, just those ``(collection, path)``
+    leaves, flat. Inside ``jit`` XLA then drops the initialisers of every other
+    leaf, so a new head on a huge backbone costs the head's memory, not the model's."""
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     params_rng, dropout_rng = jax.random.split(rng)
     inputs = family.dummy_inputs(config)
-    return jax.jit(lambda r, d: module.init({"params": r, "dropout": d}, **inputs,
-                                            **train_kwarg(module, False)))(params_rng, dropout_rng)
+
+    def init(r, d):
+        variables = module.init({"params": r, "dropout": d}, **inputs, **train_kwarg(module, False))
+        if only is None:
+            return variables
+        flat = _flat({c: tree.flatten(t) for c, t in variables.items()})
+        return [flat[k] for k in only]
+
+    out = jax.jit(init)(params_rng, dropout_rng)
+    return out if only is None else dict(zip(only, out))
 
 
 def _with_defaults(head: nn.Module, family: registry.Family, config: Any) -> nn.Module:
@@ -201,8 +212,7 @@ def load(source: str | os.PathLike, head: nn.Module | None = None, *,
     new = [k for k in expected if k[1].startswith(HEAD_NAME + "/")] if head is not None and not ours else []
     plan = merge.plan(expected, found, unused, reinit=reinit, ignore=ignore, new=new, source=str(src))
 
-    fresh = _init(module, family, config, rng) if plan.fresh else None
-    fresh_flat = _flat({c: tree.flatten(t) for c, t in fresh.items()}) if fresh else {}
+    fresh_flat = _init(module, family, config, rng, only=list(plan.fresh)) if plan.fresh else {}
     report = merge.LoadReport(source=str(src), format=ckpt.format, files=[str(f) for f in ckpt.files],
                               converted=converted, dropped={**dict(sorted(dropped.items())), **plan.dropped})
     out: dict[str, dict[str, Any]] = {}
