@@ -224,13 +224,13 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         log_every=cfg.train.log_every, best_metric=cfg.train.best_metric,
         best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
         config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress)
-    trained_steps = int(jax.device_get(_step(state)))
+    trained_steps = loop.current_step(state)
     if run.checkpointer is not None and run.checkpointer.best_step() is not None:
         state, _, _ = run.checkpointer.restore(state, best=True)  # best by validation
     test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
                          label_names=run.data.label_names, shard_batch=run.shard_batch)
     result = {"test": test, "seconds": time.time() - t0, "steps": trained_steps,
-              "tested_step": int(jax.device_get(_step(state)))}
+              "tested_step": loop.current_step(state)}
     if cfg.task == "classification" and run.data.train_labels is not None and run.data.test_labels is not None:
         result["majority_baseline"] = metrics.majority_baseline(
             run.data.train_labels, run.data.test_labels, cfg.model.num_classes)
@@ -239,11 +239,6 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
             json.dump(checkpoint_lib.to_jsonable(result), f, indent=1)
     return result
-
-
-def _step(state):
-    s = state.step
-    return s[0] if getattr(s, "ndim", 0) else s
 
 
 def evaluate(cfg, workdir: str, split: str = "test") -> dict[str, Any]:

@@ -70,6 +70,20 @@ def test_minilm_tweets(variant, text_stand_ins, tmp_path, capsys):
         assert row["label"] in ("negative", "neutral", "positive")
 
 
+def test_pmap_strategy_trains_checkpoints_and_resumes(text_stand_ins, tmp_path, capsys):
+    """The pmap path end to end: replicated state, one-copy checkpoints, resume, eval."""
+    args = _text_args("probe", text_stand_ins, tmp_path / "run") + ["--config.mesh.strategy=pmap"]
+    assert cli.main(["train", *args, *SHORT[1:], "--config.train.steps=2"]) == 0
+    assert cli.main(["train", *args, *SHORT]) == 0  # resumes at step 2, runs to 4
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert sorted(r["step"] for r in records if r["split"] == "train") == [1, 2, 3, 4]
+    result = json.load(open(tmp_path / "run" / "test_metrics.json"))
+    assert result["steps"] == 4
+    capsys.readouterr()
+    assert cli.main(["eval", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+
 def test_unknown_config_key_is_an_error_naming_it(text_stand_ins, tmp_path):
     args = _text_args("full", text_stand_ins, tmp_path / "run")
     with pytest.raises(SystemExit, match="optim.learning_rate"):

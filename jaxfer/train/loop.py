@@ -53,6 +53,11 @@ EvalStep = Callable[[Any, Batch], dict]
 Hook = Callable[[int, Any, list[dict]], None]
 
 
+def current_step(state) -> int:
+    """``state.step`` as an int; a replicated (pmap) state holds one copy per device."""
+    return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+
+
 def _identity(batch: Batch) -> Batch:
     return batch
 
@@ -316,7 +321,7 @@ def fit(
     iterator_state = saved["iterator"] if "iterator" in saved else (saved or None)
     if iterator_state is not None and hasattr(train_iter, "set_state"):
         train_iter.set_state(iterator_state)
-    start = int(state.step)
+    start = current_step(state)
     if resumed:
         logger.info("resumed from %s at step %d", checkpointer.directory, start)
     log = _RunLog(workdir, start if resumed else None, config)
