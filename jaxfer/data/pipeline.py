@@ -176,16 +176,12 @@ def make_pipeline(
     """
     pi, pc = process_info(process_index, process_count)
     presharded = hasattr(source, "total") and hasattr(source, "process_count")
-    if train and pc > 1 and not presharded:  # global order: pipeline() takes the slices
-        local = source
-        if tokenizer is not None:
-            local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair)
-    else:
-        local, total = shard(source, pi, pc)
-        if tokenizer is not None:
-            local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair)
-        if local is not source:  # already sharded: keep the full size for step counts
-            local = _Sharded(local, pi, pc, total)
+    global_order = train and pc > 1 and not presharded  # pipeline() takes the slices
+    local, total = (source, len(source)) if global_order else shard(source, pi, pc)
+    if tokenizer is not None:
+        local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair)
+    if not global_order and local is not source:  # sharded: keep the full size for step counts
+        local = _Sharded(local, pi, pc, total)
     map_fn = batch_fn = None
     if image_size is not None:
         map_fn = image_lib.image_transform(image_size, train=train, **(image_options or {}))

@@ -163,11 +163,6 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
                          f"use a multiple of {n}")
 
 
-def place(tree_: PyTree, shardings_: PyTree) -> PyTree:
-    """Put each leaf on its sharding (single process: ``jax.device_put``)."""
-    return jax.device_put(tree_, shardings_)
-
-
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """A host-local batch -> a global array split over the mesh.
 
@@ -216,9 +211,7 @@ class JitStrategy(Strategy):
         def place(collection: str, path: str, value, dtype):
             value = np.asarray(value, dtype)
             sharding = engine.sharding(path, value.shape) if collection == "params" else replicated
-            if jax.process_count() == 1:
-                return jax.device_put(value, sharding)
-            return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+            return _from_host(value, sharding)
 
         return place
 
@@ -250,19 +243,22 @@ class JitStrategy(Strategy):
         return checkpointer
 
 
+def _from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full -> a global array on ``sharding``."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def _global_from_host(x, sharding):
     """A leaf every process holds in full -> a global array on ``sharding``."""
     if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() > 1:
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = np.asarray(jax.random.key_data(x))
-            impl = jax.random.key_impl(x)
-            arr = jax.make_array_from_callback(data.shape, NamedSharding(sharding.mesh, P()),
-                                               lambda idx: data[idx])
-            return jax.random.wrap_key_data(arr, impl=impl)
+            data = _from_host(np.asarray(jax.random.key_data(x)), NamedSharding(sharding.mesh, P()))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         x = np.asarray(x)
     if isinstance(x, np.ndarray) or np.isscalar(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return _from_host(np.asarray(x), sharding)
     return x
 
 
