@@ -70,3 +70,22 @@ def tweets_csv(path: str, n: int = 192, seed: int = 0) -> str:
             words = list(rng.choice(WORDS[label], 2)) + list(rng.choice(WORDS["neutral"], 1))
             w.writerow([label, "1.0", f"tweet {i}: " + " ".join(rng.permutation(words))])
     return path
+
+
+def tiny_resnet(path: str, seed: int = 0) -> str:
+    """A 2-stage, 8/16-wide ResNet whose batch-norm running statistics are not (0, 1)."""
+    import torch
+    import transformers
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       layer_type="basic")
+    model = transformers.ResNetModel(config)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, 32, 32) * 2 + 0.5)
+    model.eval().save_pretrained(path)
+    return path
