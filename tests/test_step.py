@@ -1,4 +1,4 @@
-"""Train and eval steps: frozen leaves and frozen batch norm stay put, accumulation and
+"""Train and eval steps: frozen leaves and frozen batch norm stay put, frozen dropout is off, accumulation and
 data parallel sums equal one big batch, padding is never counted, freezing saves flops."""
 
 import flax.linen as nn
@@ -12,7 +12,7 @@ from jaxfer import tree
 from jaxfer.models.bert import BertModel
 from jaxfer.models.heads import Classifier, TaskModel
 from jaxfer.train import TrainState, linen_apply, losses, make_eval_step, make_train_step
-from jaxfer.train.step import frozen_batch_norm_scope
+from jaxfer.train.step import frozen_batch_norm_scope, frozen_inference_scope, module_status
 
 
 # ------------------------------------------------------------------ helpers
@@ -159,6 +159,84 @@ def test_frozen_batch_norm_keeps_statistics_and_threads_through_micro_batches():
                             donate=False)
     loose_state, _ = loose(TrainState.create(params, tx, model_state=model_state), batch)
     assert changed(stats0["batch_stats/bn0/mean"], np.asarray(loose_state.model_state["batch_stats"]["bn0"]["mean"]))
+
+
+class Noise(nn.Module):
+    """No parameters of its own: its dropout belongs to the enclosing module."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        return nn.Dropout(self.rate)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """``relu(dense(x))`` then dropout, through a parameter-free child."""
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        return Noise(0.5, name="noise")(nn.relu(nn.Dense(8, name="dense")(x)), deterministic)
+
+
+class DropoutBlocks(nn.Module):
+    """``bottom`` (a block), a dropout at the root (which trains), ``top`` (its own dropout), ``head``."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        bottom = nn.Dropout(0.5)(Block(name="bottom")(x, not train), deterministic=not train)
+        top = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(8, name="top")(bottom)))
+        return {"logits": nn.Dense(3, name="head")(top), "bottom": bottom, "top": top}
+
+
+class Bottom(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        return nn.Dense(3, name="head")(Block(name="bottom")(x, not train))
+
+
+def test_frozen_modules_run_without_dropout():
+    r = np.random.default_rng(0)
+    batch = {"x": r.normal(size=(16, 8)).astype(np.float32), "label": r.integers(0, 3, 16)}
+    model = DropoutBlocks()
+    params = model.init(jax.random.key(0), batch["x"])["params"]
+    trainable = trainable_where(params, ["bottom"])
+    status = module_status(trainable)
+    assert status["bottom"] and status["bottom/dense"] and not status["top"] and not status[""]
+    assert "bottom/noise" not in status  # no parameters: the enclosing `bottom` decides
+    apply_fn = linen_apply(model)
+
+    @jax.jit
+    def outputs(params, batch):
+        eval_out, _ = apply_fn({"params": params}, batch, train=False)
+        with frozen_inference_scope(status):
+            frozen_out, _ = apply_fn({"params": params}, batch, train=True, rng=jax.random.key(1))
+        loose_out, _ = apply_fn({"params": params}, batch, train=True, rng=jax.random.key(1))
+        return eval_out, frozen_out, loose_out
+
+    eval_out, frozen_out, loose_out = host(outputs(params, batch))
+    # the dropout inside the frozen block is off; the root's and the top's are on
+    dense = params["bottom"]["dense"]
+    x = np.maximum(batch["x"] @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]), 0)
+    kept = frozen_out["bottom"] != 0
+    np.testing.assert_allclose(frozen_out["bottom"][kept], 2 * x[kept], rtol=1e-5)  # one dropout
+    assert 0.2 < (~kept & (x != 0)).sum() / (x != 0).sum() < 0.8
+    assert changed(frozen_out["top"], eval_out["top"])
+    loose_kept = loose_out["bottom"] != 0
+    np.testing.assert_allclose(loose_out["bottom"][loose_kept], 4 * x[loose_kept], rtol=1e-5)  # two
+
+    # in the step: a frozen block below a trainable head trains like evaluation; the option restores dropout
+    model = Bottom()
+    params = model.init(jax.random.key(0), batch["x"])["params"]
+    trainable = trainable_where(params, ["bottom"])
+    tx = partitioned(optax.sgd(0.0), trainable)
+    eval_loss = make_eval_step(linen_apply(model), losses.softmax_cross_entropy())(
+        TrainState.create(params, tx), batch)["loss"].mean()
+    for frozen_dropout in (True, False):
+        step = make_train_step(linen_apply(model), losses.softmax_cross_entropy(), tx, trainable,
+                               frozen_dropout=frozen_dropout, donate=False)
+        _, metrics = step(TrainState.create(params, tx, rng=3), batch)
+        assert np.isclose(metrics["loss"], eval_loss, rtol=1e-6) == frozen_dropout
 
 
 def test_micro_batches_equal_one_batch_with_uneven_masks():

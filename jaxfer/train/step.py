@@ -17,8 +17,10 @@ What ``trainable`` (a bool tree shaped like the params) does in the train step:
   backward pass of a frozen bottom (see ``benchmarks/frozen_step.py``);
 * frozen leaves come out of the step bit-identical (they are passed through,
   never touched by an update);
-* every ``flax.linen.BatchNorm`` whose own scale/bias are frozen runs with its
-  running statistics during training, and those statistics stay fixed.
+* frozen means inference mode: every ``flax.linen.BatchNorm`` whose own
+  scale/bias are frozen runs with its running statistics during training (and
+  those statistics stay fixed), and every ``flax.linen.Dropout`` inside a module
+  whose parameters are all frozen is off (``frozen_dropout=False`` keeps it).
 """
 
 from __future__ import annotations
@@ -95,48 +97,82 @@ def model_apply(model: Any, input_keys: Sequence[str] | None = None) -> ApplyFn:
     return linen_apply(model.module, input_keys)
 
 
-# --------------------------------------------------------------- batch norm
-def _frozen_modules(trainable: PyTree) -> frozenset[str]:
-    """Paths of the modules whose parameters are all frozen (``"bert/encoder/..."``)."""
-    by_module: dict[str, bool] = {}
+# ------------------------------------------------- frozen means inference mode
+def module_status(trainable: PyTree) -> dict[str, bool]:
+    """``{module path: all its parameters frozen}`` for every module that holds parameters,
+    at any depth (``"bert/encoder/layer/3"`` as well as ``".../attention/self/query"``;
+    ``""`` is the root)."""
+    status: dict[str, bool] = {}
     for path, is_trainable in tree.flatten(trainable).items():
-        module = path.rpartition(tree.SEP)[0]
-        by_module[module] = by_module.get(module, False) or bool(is_trainable)
-    return frozenset(m for m, any_trainable in by_module.items() if not any_trainable)
+        parts = path.split(tree.SEP)[:-1]
+        for n in range(len(parts) + 1):
+            module = tree.SEP.join(parts[:n])
+            status[module] = status.get(module, True) and not bool(is_trainable)
+    return status
+
+
+def _owner_frozen(status: Mapping[str, bool], path: tuple[str, ...]) -> bool:
+    """Is the nearest enclosing module that holds parameters all frozen?"""
+    for n in range(len(path) - 1, -1, -1):
+        frozen = status.get(tree.SEP.join(path[:n]))
+        if frozen is not None:
+            return frozen
+    return False
+
+
+def _call_with(module, args, kwargs, next_fun, name: str, value: bool, positional: int):
+    """Call ``next_fun`` with the flag ``name`` forced to ``value``: as a call argument
+    when the module takes it per call, else on this bound instance for the call only
+    (flax refuses a flag given at construction and again in the call)."""
+    if name in kwargs or len(args) > positional or getattr(module, name) is None:
+        return next_fun(*args[:positional], **{**kwargs, name: value})
+    old = getattr(module, name)
+    object.__setattr__(module, name, value)
+    try:
+        return next_fun(*args, **kwargs)
+    finally:
+        object.__setattr__(module, name, old)
 
 
 @contextlib.contextmanager
-def frozen_batch_norm_scope(frozen_modules: frozenset[str]):
-    """Run every ``nn.BatchNorm`` whose path is in ``frozen_modules`` in inference mode.
+def frozen_inference_scope(status: Mapping[str, bool], *, batch_norm: bool = True, dropout: bool = True):
+    """Run the frozen modules of a training call in inference mode.
 
-    A frozen batch norm that kept normalising with batch statistics (and kept
-    updating its running averages) would shift the features its frozen
-    neighbours were trained on — the Keras ``BatchNormalization`` lesson. So
-    during training it uses, and leaves untouched, its running statistics.
+    ``status`` is :func:`module_status` of the trainable mask. Inside the scope
+
+    * every ``nn.BatchNorm`` whose own scale/bias are frozen (``batch_norm``) uses,
+      and leaves untouched, its running statistics: a frozen batch norm that kept
+      normalising with batch statistics would shift the features its frozen
+      neighbours were trained on (the Keras ``BatchNormalization`` lesson);
+    * every ``nn.Dropout`` whose nearest enclosing module with parameters is all
+      frozen (``dropout``) is the identity.
+
+    So a frozen part of the network is what Keras calls ``base(x, training=False)``:
+    a pure function of its input, the same in training and in evaluation, whose
+    output can be computed once and cached (:mod:`jaxfer.transfer.prefix`).
+    Dropout of trainable modules, and of the head, is untouched.
     """
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if (not isinstance(module, nn.BatchNorm) or context.method_name != "__call__"
-                or tree.SEP.join(map(str, module.path)) not in frozen_modules):
+        if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        if "use_running_average" in kwargs or len(args) > 1 or module.use_running_average is None:
-            args, kwargs = args[:1], {**kwargs, "use_running_average": True}
-            return next_fun(*args, **kwargs)
-        # The flag was fixed at construction (``BatchNorm(use_running_average=not train)``)
-        # and flax refuses it twice, so set it on this bound instance for the call only.
-        old = module.use_running_average
-        object.__setattr__(module, "use_running_average", True)
-        try:
-            return next_fun(*args, **kwargs)
-        finally:
-            object.__setattr__(module, "use_running_average", old)
+        if batch_norm and isinstance(module, nn.BatchNorm) and status.get(tree.SEP.join(map(str, module.path))):
+            return _call_with(module, args, kwargs, next_fun, "use_running_average", True, 1)
+        if dropout and isinstance(module, nn.Dropout) and _owner_frozen(status, tuple(map(str, module.path))):
+            return _call_with(module, args, kwargs, next_fun, "deterministic", True, 1)
+        return next_fun(*args, **kwargs)
 
-    if not frozen_modules:
+    if not any(status.values()) or not (batch_norm or dropout):
         yield
         return
     with nn.intercept_methods(interceptor):
         yield
+
+
+def frozen_batch_norm_scope(frozen_modules: frozenset[str]):
+    """:func:`frozen_inference_scope` for batch norm only, given the frozen module paths."""
+    return frozen_inference_scope({m: True for m in frozen_modules}, dropout=False)
 
 
 # --------------------------------------------------------------- train step
@@ -192,7 +228,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
                     trainable: PyTree | None = None, *, micro_batches: int = 1,
                     lr_schedule: optax.Schedule | None = None, axis_name: str | None = None,
                     jit: bool = True, donate: bool = True, frozen_batch_norm: bool = True,
-                    state_sharding: Any = None, batch_sharding: Any = None
+                    frozen_dropout: bool = True, state_sharding: Any = None, batch_sharding: Any = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)``.
 
@@ -214,6 +250,9 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
       jit / donate: ``jax.jit`` the step, donating the state's buffers.
       frozen_batch_norm: run batch norms with frozen scale/bias on their running
         statistics (and leave those fixed).
+      frozen_dropout: switch off the dropout of modules whose parameters are all
+        frozen, so the frozen part runs as in inference (see
+        :func:`frozen_inference_scope`); ``False`` keeps it random, as before.
       state_sharding / batch_sharding: ``in_shardings``/``out_shardings`` for ``jax.jit``.
 
     Gradients are taken only for the trainable partition. The optimizer still
@@ -230,7 +269,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     mask_tree = None if trainable is None else jax.tree_util.tree_map(bool, trainable)
-    frozen_bn = _frozen_modules(mask_tree) if (frozen_batch_norm and mask_tree is not None) else frozenset()
+    status = module_status(mask_tree) if mask_tree is not None else {}
+    frozen_bn = frozenset(m for m, f in status.items() if f) if frozen_batch_norm else frozenset()
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         mask = _all_true(state.params) if mask_tree is None else mask_tree
@@ -242,7 +282,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
         def summed_loss(trainable_params, model_state, chunk, rng):
             variables = {"params": tree.merge(trainable_params, frozen_params), **model_state}
-            with frozen_batch_norm_scope(frozen_bn):
+            with frozen_inference_scope(status, batch_norm=frozen_batch_norm, dropout=frozen_dropout):
                 outputs, new_model_state = apply_fn(variables, chunk, train=True, rng=rng)
             loss_sum, weight_sum = _weighted_loss(loss_fn, outputs, chunk)
             return loss_sum, (weight_sum, {**model_state, **new_model_state})
