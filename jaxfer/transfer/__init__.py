@@ -6,8 +6,12 @@
 * ``probe``: linear heads on fixed features: logistic regression (L-BFGS or
   Adam), ridge, few-shot evaluation over seeds.
 * ``lora``: low-rank updates of kernels chosen by path rules, for any ``apply_fn``.
+* ``select``: transferability scores (LogME, LEEP, NCE, H-score, TransRate) to
+  choose a pretrained model before training it.
+* ``adapt``: domain adaptation terms (gradient reversal, DANN, CDAN(+E), CORAL,
+  MK-MMD, MCC) and AdaBN.
 """
 
-from jaxfer.transfer import features, lora, probe
+from jaxfer.transfer import adapt, features, lora, probe, select
 
-__all__ = ["features", "lora", "probe"]
+__all__ = ["adapt", "features", "lora", "probe", "select"]
