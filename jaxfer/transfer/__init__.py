@@ -5,6 +5,9 @@
   chunked on disk; batches carrying them.
 * ``probe``: linear heads on fixed features: logistic regression (L-BFGS or
   Adam), ridge, few-shot evaluation over seeds.
+* ``prefix``: the cached frozen prefix: find the layer boundary below which
+  nothing trains (checked on the traced computation), compute its activations
+  once, train the layers above on them.
 * ``lora``: low-rank updates of kernels chosen by path rules, for any ``apply_fn``.
 * ``select``: transferability scores (LogME, LEEP, NCE, H-score, TransRate) to
   choose a pretrained model before training it.
@@ -12,6 +15,6 @@
   MK-MMD, MCC) and AdaBN.
 """
 
-from jaxfer.transfer import adapt, features, lora, probe, select
+from jaxfer.transfer import adapt, features, lora, prefix, probe, select
 
-__all__ = ["adapt", "features", "lora", "probe", "select"]
+__all__ = ["adapt", "features", "lora", "prefix", "probe", "select"]
