@@ -89,3 +89,24 @@ def tiny_resnet(path: str, seed: int = 0) -> str:
             model(torch.randn(4, 3, 32, 32) * 2 + 0.5)
     model.eval().save_pretrained(path)
     return path
+
+
+def tiny_bert_task(seed: int = 0, vocab_size: int = 1000, num_classes: int = 3):
+    """An in-memory 2-layer, 16-wide BERT + mean-pooled classifier, random params (no init compile),
+    and a 4-example batch: ``(module, params, batch)``."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxfer.models.bert import BertModel
+    from jaxfer.models.heads import Classifier, TaskModel
+
+    config = dict(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, hidden_act="gelu")
+    model = TaskModel(BertModel(config), Classifier(num_classes, pooling="mean", dropout_rate=0.0))
+    r = np.random.default_rng(seed)
+    ids = r.integers(0, vocab_size, size=(4, 8)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "label": np.array([0, 1, 2, 0]) % num_classes}
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), input_ids=ids))["params"]
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray((0.1 * r.normal(size=x.shape)).astype(x.dtype)), shapes)
+    return model, params, batch

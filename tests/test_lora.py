@@ -11,27 +11,17 @@ import optax
 import pytest
 
 from jaxfer import masks, optim, tree
-from jaxfer.models.bert import BertModel
-from jaxfer.models.heads import Classifier, TaskModel
 from jaxfer.train import TrainState, linen_apply, losses, make_train_step
 from jaxfer.transfer import lora
+from tests import stand_ins
 
-CONFIG = dict(vocab_size=1000, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-              intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
-              attention_probs_dropout_prob=0.0, hidden_act="gelu")
 QV = [("bert/encoder/layer/*/attention/self/query/kernel", lora.LoRA(2, alpha=4)),
       ("bert/encoder/layer/*/attention/self/value/kernel", lora.LoRA(2, alpha=4))]
 RULES = [("lora/**", 1.0), ("classifier/**", 1.0), ("**", None)]
 
 
 def tiny(seed=0):
-    model = TaskModel(BertModel(CONFIG), Classifier(3, pooling="mean", dropout_rate=0.0))
-    r = np.random.default_rng(seed)
-    ids = r.integers(0, 1000, size=(4, 8)).astype(np.int32)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "label": np.array([0, 1, 2, 0])}
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), input_ids=ids))["params"]
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray((0.1 * r.normal(size=x.shape)).astype(x.dtype)), shapes)
-    return model, params, batch
+    return stand_ins.tiny_bert_task(seed)
 
 
 def logits(apply_fn, params, batch):

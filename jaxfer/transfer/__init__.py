@@ -9,12 +9,14 @@
   nothing trains (checked on the traced computation), compute its activations
   once, train the layers above on them.
 * ``lora``: low-rank updates of kernels chosen by path rules, for any ``apply_fn``.
+* ``presets``: named rules (BitFit, LayerNorm tuning, LoRA, adapters).
+* ``regularizers``: L2-SP (an optax transformation), BSS and distillation / LwF (loss terms).
 * ``select``: transferability scores (LogME, LEEP, NCE, H-score, TransRate) to
   choose a pretrained model before training it.
 * ``adapt``: domain adaptation terms (gradient reversal, DANN, CDAN(+E), CORAL,
   MK-MMD, MCC) and AdaBN.
 """
 
-from jaxfer.transfer import adapt, features, lora, prefix, probe, select
+from jaxfer.transfer import adapt, features, lora, prefix, presets, probe, regularizers, select
 
-__all__ = ["adapt", "features", "lora", "prefix", "probe", "select"]
+__all__ = ["adapt", "features", "lora", "prefix", "presets", "probe", "regularizers", "select"]
