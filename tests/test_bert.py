@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 import jaxfer.weights as jw  # noqa: E402
 from jaxfer.models import heads  # noqa: E402
+from tests.parity import TOL, maxdiff, torch_out as _torch_out  # noqa: E402
 
-TOL = 1e-4
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64, type_vocab_size=2)
 
@@ -30,17 +30,7 @@ def inputs():
 
 
 def torch_out(model, ids, mask, types):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                     token_type_ids=torch.tensor(types))
-
-
-def maxdiff(ours, ref, mask=None):
-    a, b = np.asarray(ours), ref.detach().numpy()
-    assert a.shape == b.shape
-    if mask is not None:  # padded positions carry no meaning
-        a, b = a[mask.astype(bool)], b[mask.astype(bool)]
-    return float(np.abs(a - b).max())
+    return _torch_out(model, input_ids=ids, attention_mask=mask, token_type_ids=types)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,17 @@
 import numpy as np
 import pytest
 
-from jaxfer.weights.keymap import Rule, apply_key_map, batch_norm, conv, generic_rules, strip_prefix
+from jaxfer.models.keymap import (TRANSFORMS, KeyRule, Transform, apply_key_map, batch_norm, conv, generic_rules,
+                                  strip_prefix)
 
 RULES = [
-    Rule(r"emb\.weight", "emb/embedding", "embedding"),
-    Rule(r"(.*)\.LayerNorm\.(?:weight|gamma)", r"\1/LayerNorm/scale", "norm_scale"),
-    Rule(r"(.*)\.position_ids", None),
+    KeyRule(r"emb\.weight", "emb/embedding", "embedding"),
+    KeyRule(r"(.*)\.LayerNorm\.(?:weight|gamma)", r"\1/LayerNorm/scale", "norm_scale"),
+    KeyRule(r"(.*)\.position_ids", None),
     *batch_norm(r"(.*)\.bn", r"\1/norm"),
-    Rule(r"(.*)\.weight", r"\1/kernel", "conv", ndim=4),
-    Rule(r"(.*)\.weight", r"\1/kernel", "linear", ndim=2),
-    Rule(r"(.*)\.bias", r"\1/bias"),
+    KeyRule(r"(.*)\.weight", r"\1/kernel", "conv", ndim=4),
+    KeyRule(r"(.*)\.weight", r"\1/kernel", "linear", ndim=2),
+    KeyRule(r"(.*)\.bias", r"\1/bias"),
 ]
 
 
@@ -38,7 +39,7 @@ def test_apply_key_map_routes_transforms_and_reports_unused():
 
 
 def test_duplicate_target_is_an_error():
-    rules = [Rule(r"(?:a|b)\.weight", "x/kernel", "linear")]
+    rules = [KeyRule(r"(?:a|b)\.weight", "x/kernel", "linear")]
     with pytest.raises(ValueError, match="both"):
         apply_key_map(rules, {"a.weight": np.zeros((2, 2)), "b.weight": np.zeros((2, 2))})
 
@@ -50,3 +51,31 @@ def test_conv_transform_and_strip_prefix():
     assert inner == {"a.weight": 1} and rest == {"classifier.weight": 2}
     out, unused = apply_key_map(generic_rules(), {"classifier.1.weight": np.zeros((3, 5))})
     assert out["params"]["classifier/1/kernel"].shape == (5, 3) and unused == []
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_every_named_transform_has_an_exact_inverse(name):
+    rng = np.random.default_rng(0)
+    shapes = {"linear": [(3, 5)], "conv": [(4, 3, 2, 5), (4, 3, 7), (2, 3, 1, 2, 3)]}.get(name, [(7,), (3, 5)])
+    for shape in shapes:
+        x = rng.normal(size=shape).astype(np.float32)
+        t = TRANSFORMS[name]
+        y = t(x)
+        back = KeyRule("a", "b", name).inverse(y)
+        np.testing.assert_array_equal(back, x)
+        assert back.shape == x.shape and back.flags.c_contiguous
+        if name in ("linear", "conv"):
+            assert y.shape != x.shape  # the forward moved axes, so the check above is not vacuous
+
+
+def test_inverse_shapes_and_errors():
+    w = np.zeros((8, 3, 5, 7))  # torch (O, I, kh, kw)
+    assert conv(w).shape == (5, 7, 3, 8) and TRANSFORMS["conv"].inverse(conv(w)).shape == (8, 3, 5, 7)
+    with pytest.raises(ValueError, match="2-D"):
+        TRANSFORMS["linear"].inverse(np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="no inverse"):
+        KeyRule("a", "b", lambda x: x * 2).inverse
+    doubled = KeyRule("a", "b", Transform(lambda x: x * 2, lambda x: x / 2))
+    np.testing.assert_array_equal(doubled.inverse(doubled.fn(np.arange(3.0))), np.arange(3.0))
+    with pytest.raises(ValueError, match="unknown transform 'linaer'"):
+        KeyRule("a", "b", "linaer")

@@ -13,9 +13,10 @@ transformers = pytest.importorskip("transformers")
 import jaxfer.weights as jw  # noqa: E402
 from jaxfer import tree  # noqa: E402
 from jaxfer.models import heads, registry, resnet  # noqa: E402
-from jaxfer.weights.keymap import apply_key_map, generic_rules, strip_prefix  # noqa: E402
+from jaxfer.models.keymap import apply_key_map, generic_rules, strip_prefix  # noqa: E402
+from tests.parity import TOL, assert_same_layout, maxdiff, numpy_state_dict, variables  # noqa: E402
+from tests.parity import torch_out as _torch_out  # noqa: E402
 
-TOL = 1e-4
 LAYER_TYPES = ["basic", "bottleneck"]
 
 
@@ -39,22 +40,7 @@ def with_running_stats(model, seed=0):
 
 
 def torch_out(model, x):
-    with torch.no_grad():
-        return model(torch.tensor(x), output_hidden_states=True)
-
-
-def maxdiff(ours, ref):
-    a, b = np.asarray(ours), ref.detach().numpy()
-    assert a.shape == b.shape
-    return float(np.abs(a - b).max())
-
-
-def numpy_state_dict(model):
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # no aliasing
-
-
-def variables(flat):
-    return {c: tree.unflatten(vs) for c, vs in flat.items()}
+    return _torch_out(model, x, output_hidden_states=True)
 
 
 @pytest.mark.parametrize("layer_type", LAYER_TYPES)
@@ -71,10 +57,7 @@ def test_backbone_parity(layer_type):
     np.testing.assert_array_equal(var, sd["embedder.embedder.normalization.running_var"])
     assert np.abs(var - 1).max() > 0.1
     module = resnet.build(cfg)
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), **resnet.dummy_inputs(cfg)))
-    for coll in ("params", "batch_stats"):
-        assert {p: v.shape for p, v in tree.flatten(abstract[coll]).items()} == \
-            {p: v.shape for p, v in flat[coll].items()}, coll
+    assert_same_layout(module, resnet.dummy_inputs(cfg), flat)
     assert "encoder/stages/1/layers/0/shortcut/convolution/kernel" in flat["params"]
 
     x = pixels()

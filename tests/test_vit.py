@@ -12,9 +12,10 @@ transformers = pytest.importorskip("transformers")
 import jaxfer.weights as jw  # noqa: E402
 from jaxfer import tree  # noqa: E402
 from jaxfer.models import heads, registry, vit  # noqa: E402
-from jaxfer.weights.keymap import apply_key_map, generic_rules, strip_prefix  # noqa: E402
+from jaxfer.models.keymap import apply_key_map, generic_rules, strip_prefix  # noqa: E402
+from tests.parity import TOL, assert_same_layout, maxdiff, numpy_state_dict, variables  # noqa: E402
+from tests.parity import torch_out as _torch_out  # noqa: E402
 
-TOL = 1e-4
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, num_labels=3)
 
@@ -24,22 +25,7 @@ def pixels(n=2, size=32):
 
 
 def torch_out(model, x):
-    with torch.no_grad():
-        return model(torch.tensor(x), output_hidden_states=True)
-
-
-def maxdiff(ours, ref):
-    a, b = np.asarray(ours), ref.detach().numpy()
-    assert a.shape == b.shape
-    return float(np.abs(a - b).max())
-
-
-def numpy_state_dict(model):
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # no aliasing
-
-
-def variables(flat):
-    return {c: tree.unflatten(vs) for c, vs in flat.items()}
+    return _torch_out(model, x, output_hidden_states=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +39,7 @@ def test_backbone_parity(torch_base):
     flat, unused = vit.convert(numpy_state_dict(torch_base), cfg)
     assert unused == []
     module = vit.build(cfg)
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), **vit.dummy_inputs(cfg)))
-    assert {p: v.shape for p, v in tree.flatten(abstract["params"]).items()} == \
-        {p: v.shape for p, v in flat["params"].items()}
+    assert_same_layout(module, vit.dummy_inputs(cfg), flat)
     assert flat["params"]["embeddings/position_embeddings"].shape == (1, 1 + 16, 32)
 
     x = pixels()

@@ -24,50 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfer.models import registry
-from jaxfer.weights.keymap import Rule, apply_key_map
+from jaxfer.models.common import LayerStack, SelfAttention, activation, config_dict, dense, padding_bias
+from jaxfer.models.keymap import KeyRule, apply_key_map
 
-
-def _cfg(config: Any, name: str, default: Any = None) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(name, default)
-    return getattr(config, name, default)
-
-
-def _config_dict(config: Any) -> dict:
-    if isinstance(config, Mapping):
-        return dict(config)
-    return config.to_dict()
-
-
-_ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
-def _dense(features: int, std: float, name: str) -> nn.Dense:
-    return nn.Dense(features, kernel_init=nn.initializers.normal(std), name=name)
-
-
-class SelfAttention(nn.Module):
-    c: Mapping
-
-    @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
-        c = self.c
-        b, t, h = x.shape
-        n = c["num_attention_heads"]
-        split = lambda y: y.reshape(b, t, n, h // n)
-        q, k, v = (split(_dense(h, c["initializer_range"], name)(x)) for name in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(h // n).astype(np.float32) + bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(c["attention_probs_dropout_prob"])(probs, deterministic=deterministic)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h)
+# Defaults for what a plain-dict config may leave out (HF configs carry every field).
+DEFAULTS = dict(layer_norm_eps=1e-12, initializer_range=0.02, hidden_act="gelu", type_vocab_size=2)
 
 
 class DenseNorm(nn.Module):
@@ -78,7 +39,7 @@ class DenseNorm(nn.Module):
     @nn.compact
     def __call__(self, x, residual, deterministic: bool):
         c = self.c
-        x = _dense(c["hidden_size"], c["initializer_range"], "dense")(x)
+        x = dense(c["hidden_size"], c["initializer_range"], "dense")(x)
         x = nn.Dropout(c["hidden_dropout_prob"])(x, deterministic=deterministic)
         return nn.LayerNorm(epsilon=c["layer_norm_eps"], name="LayerNorm")(x + residual)
 
@@ -88,7 +49,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, deterministic: bool):
-        a = SelfAttention(self.c, name="self")(x, bias, deterministic)
+        c = self.c
+        a = SelfAttention(c["num_attention_heads"], c["initializer_range"], c["attention_probs_dropout_prob"],
+                          name="self")(x, bias, deterministic)
         return DenseNorm(self.c, name="output")(a, x, deterministic)
 
 
@@ -98,7 +61,7 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.c
-        return _ACTIVATIONS[c["hidden_act"]](_dense(c["intermediate_size"], c["initializer_range"], "dense")(x))
+        return activation(c["hidden_act"])(dense(c["intermediate_size"], c["initializer_range"], "dense")(x))
 
 
 class Layer(nn.Module):
@@ -110,25 +73,14 @@ class Layer(nn.Module):
         return DenseNorm(self.c, name="output")(Intermediate(self.c, name="intermediate")(a), a, deterministic)
 
 
-class LayerStack(nn.Module):
-    """The ``encoder/layer`` scope holding layers ``0``, ``1``, ...; returns every state."""
-
-    c: Mapping
-
-    @nn.compact
-    def __call__(self, x, bias, deterministic: bool):
-        states = [x]
-        for i in range(self.c["num_hidden_layers"]):
-            states.append(Layer(self.c, name=str(i))(states[-1], bias, deterministic))
-        return states
-
-
 class Encoder(nn.Module):
     c: Mapping
 
     @nn.compact
     def __call__(self, x, bias, deterministic: bool):
-        return LayerStack(self.c, name="layer")(x, bias, deterministic)
+        c = self.c
+        return LayerStack(lambda i, name: Layer(c, name=name), c["num_hidden_layers"], name="layer")(
+            x, bias, deterministic)
 
 
 class Embeddings(nn.Module):
@@ -151,7 +103,7 @@ class Pooler(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        return jnp.tanh(_dense(self.c["hidden_size"], self.c["initializer_range"], "dense")(h[:, 0]))
+        return jnp.tanh(dense(self.c["hidden_size"], self.c["initializer_range"], "dense")(h[:, 0]))
 
 
 class BertModel(nn.Module):
@@ -167,18 +119,10 @@ class BertModel(nn.Module):
     config: Any
     add_pooling_layer: bool = True
 
-    def _c(self) -> dict:
-        c = _config_dict(self.config)
-        c.setdefault("layer_norm_eps", 1e-12)
-        c.setdefault("initializer_range", 0.02)
-        c.setdefault("hidden_act", "gelu")
-        c.setdefault("type_vocab_size", 2)
-        return c
-
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
                  train: bool = False, output_hidden_states: bool = False):
-        c = self._c()
+        c = config_dict(self.config, DEFAULTS)
         det = not train
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
@@ -188,8 +132,7 @@ class BertModel(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, c)
         x = Embeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, det)
-        neg = jnp.finfo(x.dtype).min
-        bias = jnp.where(jnp.asarray(attention_mask)[:, None, None, :] > 0, 0.0, neg).astype(x.dtype)
+        bias = padding_bias(attention_mask, x.dtype)
         states = Encoder(c, name="encoder")(x, bias, det)
         out = {"last_hidden_state": states[-1]}
         if self.add_pooling_layer:
@@ -211,13 +154,13 @@ def default_position_ids(input_ids, c: Mapping) -> jax.Array:
 
 # ------------------------------------------------------------------ key map
 KEY_MAP = [
-    Rule(r"embeddings\.(word|position|token_type)_embeddings\.weight", r"embeddings/\1_embeddings/embedding",
+    KeyRule(r"embeddings\.(word|position|token_type)_embeddings\.weight", r"embeddings/\1_embeddings/embedding",
          "embedding"),
-    Rule(r"(.*)\.LayerNorm\.(?:weight|gamma)", r"\1/LayerNorm/scale", "norm_scale"),
-    Rule(r"(.*)\.LayerNorm\.(?:bias|beta)", r"\1/LayerNorm/bias"),
-    Rule(r"(encoder\.layer\.\d+\..*|pooler\.dense)\.weight", r"\1/kernel", "linear", ndim=2),
-    Rule(r"(encoder\.layer\.\d+\..*|pooler\.dense)\.bias", r"\1/bias"),
-    Rule(r"embeddings\.(position_ids|token_type_ids)", None),  # registered buffers
+    KeyRule(r"(.*)\.LayerNorm\.(?:weight|gamma)", r"\1/LayerNorm/scale", "norm_scale"),
+    KeyRule(r"(.*)\.LayerNorm\.(?:bias|beta)", r"\1/LayerNorm/bias"),
+    KeyRule(r"(encoder\.layer\.\d+\..*|pooler\.dense)\.weight", r"\1/kernel", "linear", ndim=2),
+    KeyRule(r"(encoder\.layer\.\d+\..*|pooler\.dense)\.bias", r"\1/bias"),
+    KeyRule(r"embeddings\.(position_ids|token_type_ids)", None),  # registered buffers
 ]
 
 
@@ -233,7 +176,7 @@ def dummy_inputs(config: Any) -> dict:
 def build(config: Any) -> BertModel:
     """``config.add_pooling_layer = False`` (not a HF field) builds BERT without a pooler,
     as HF's ``BertFor{TokenClassification,MaskedLM,...}`` checkpoints store it."""
-    return BertModel(config, add_pooling_layer=bool(_cfg(config, "add_pooling_layer", True)))
+    return BertModel(config, add_pooling_layer=bool(config_dict(config).get("add_pooling_layer", True)))
 
 
 for _type, _prefix in (("bert", "bert"), ("roberta", "roberta")):
@@ -243,7 +186,7 @@ for _type, _prefix in (("bert", "bert"), ("roberta", "roberta")):
         convert=convert,
         dummy_inputs=dummy_inputs,
         layer_pattern=r"encoder/layer/(\d+)/",
-        num_layers=lambda config: int(_cfg(config, "num_hidden_layers")),
+        num_layers=lambda config: int(config_dict(config)["num_hidden_layers"]),
         base_model_prefix=_prefix,
         default_pooling="pooler",
     ))

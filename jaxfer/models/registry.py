@@ -2,7 +2,9 @@
 
 Each model family file (``bert.py``, ``vit.py``, ``resnet.py`` ...) registers one
 :class:`Family` per ``model_type`` it serves. ``jaxfer.weights`` looks families up
-here to build the module from a ``config.json`` and to convert checkpoint keys.
+here to build the module from a ``config.json`` and to convert checkpoint keys
+(each family's ``KEY_MAP`` on :mod:`jaxfer.models.keymap`; shared layers in
+:mod:`jaxfer.models.common`).
 Model code never reads jaxfer configs; it reads the architecture's own HF config.
 """
 
@@ -14,9 +16,7 @@ from typing import Any
 
 import numpy as np
 
-# A converted checkpoint: {collection: {our/path: array}}, e.g.
-# {"params": {"embeddings/word_embeddings/embedding": ...}, "batch_stats": {...}}
-FlatVariables = dict[str, dict[str, np.ndarray]]
+from jaxfer.models.keymap import FlatVariables
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,12 +12,12 @@ the ``batch_stats`` collection::
 of a ``bottleneck`` layer. ``KEY_MAP`` converts PyTorch/safetensors names
 (``encoder.stages.0.layers.0.layer.1.normalization.running_var``).
 
-Semantics follow torch exactly: convs pad ``k // 2`` on every side (not ``"SAME"``,
-which pads stride-2 convs asymmetrically), the stem max-pool pads with ``-inf``,
-batch norm uses ``eps=1e-5`` and flax ``momentum=0.9`` (torch's ``0.1``). One
-difference remains in training: torch updates the running variance with the
-unbiased batch variance, flax with the biased one (a factor ``n / (n - 1)``,
-``n = B * H * W``).
+Semantics follow torch exactly (:mod:`jaxfer.models.common`'s ``torch_*`` layers):
+convs pad ``k // 2`` on every side (not ``"SAME"``, which pads stride-2 convs
+asymmetrically), the stem max-pool pads with ``-inf``, batch norm uses
+``eps=1e-5`` and flax ``momentum=0.9`` (torch's ``0.1``). One difference remains
+in training: torch updates the running variance with the unbiased batch
+variance, flax with the biased one (a factor ``n / (n - 1)``, ``n = B * H * W``).
 
 ``train=True`` normalises with batch statistics and updates ``batch_stats``, so
 call ``apply(..., train=True, mutable=["batch_stats"])``.
@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfer.models import registry
-from jaxfer.weights.keymap import Rule, apply_key_map, batch_norm
+from jaxfer.models.common import LayerStack, activation, config_dict, to_nchw, to_nhwc, torch_batch_norm, \
+    torch_conv, torch_max_pool
+from jaxfer.models.keymap import KeyRule, apply_key_map, batch_norm
 
 # transformers.ResNetConfig defaults (ResNet-50), for plain-dict configs.
 DEFAULTS = dict(
@@ -41,24 +43,6 @@ DEFAULTS = dict(
     layer_type="bottleneck", hidden_act="relu", downsample_in_first_stage=False,
     downsample_in_bottleneck=False,
 )
-BN_MOMENTUM = 0.9  # flax convention: 1 - torch momentum (0.1)
-BN_EPS = 1e-5
-
-_ACTIVATIONS = {
-    "relu": nn.relu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "leaky_relu": nn.leaky_relu,
-}
-
-
-def config_dict(config: Any) -> dict:
-    """HF ``ResNetConfig`` or dict -> a plain dict with every field the model reads."""
-    c = dict(config) if isinstance(config, Mapping) else config.to_dict()
-    out = {**DEFAULTS, **{k: v for k, v in c.items() if v is not None}}
-    out["hidden_sizes"], out["depths"] = tuple(out["hidden_sizes"]), tuple(out["depths"])
-    return out
 
 
 # ------------------------------------------------------------------- modules
@@ -68,17 +52,13 @@ class ConvLayer(nn.Module):
     features: int
     kernel: int = 3
     stride: int = 1
-    activation: str | None = "relu"
+    act: str | None = "relu"
 
     @nn.compact
     def __call__(self, x, train: bool):
-        p = self.kernel // 2
-        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding=((p, p), (p, p)),
-                    use_bias=False, kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                    name="convolution")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                         name="normalization")(x)
-        return x if self.activation is None else _ACTIVATIONS[self.activation](x)
+        x = torch_conv(self.features, self.kernel, self.stride, name="convolution")(x)
+        x = torch_batch_norm(train, "normalization")(x)
+        return x if self.act is None else activation(self.act)(x)
 
 
 class ConvStack(nn.Module):
@@ -121,27 +101,12 @@ class ResidualLayer(nn.Module):
         if self.in_ch != self.out_ch or self.stride != 1:
             residual = ConvLayer(self.out_ch, 1, self.stride, None, name="shortcut")(x, train)
         y = ConvStack(block_specs(self.c, self.out_ch, self.stride), name="layer")(x, train)
-        return _ACTIVATIONS[self.c["hidden_act"]](y + residual)
-
-
-class Layers(nn.Module):
-    """The ``layers`` scope of a stage: the first layer may change channels and stride."""
-
-    c: Mapping
-    in_ch: int
-    out_ch: int
-    stride: int
-    depth: int
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        for j in range(self.depth):
-            x = ResidualLayer(self.c, self.in_ch if j == 0 else self.out_ch, self.out_ch,
-                              self.stride if j == 0 else 1, name=str(j))(x, train)
-        return x
+        return activation(self.c["hidden_act"])(y + residual)
 
 
 class Stage(nn.Module):
+    """One stage: residual layers ``layers/<j>``; the first may change channels and stride."""
+
     c: Mapping
     in_ch: int
     out_ch: int
@@ -150,23 +115,11 @@ class Stage(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        return Layers(self.c, self.in_ch, self.out_ch, self.stride, self.depth, name="layers")(x, train)
+        def layer(j, name):
+            return ResidualLayer(self.c, self.in_ch if j == 0 else self.out_ch, self.out_ch,
+                                 self.stride if j == 0 else 1, name=name)
 
-
-class Stages(nn.Module):
-    """The ``stages`` scope holding stages ``0``, ``1``, ...; returns every state."""
-
-    c: Mapping
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        c = self.c
-        ins = (c["embedding_size"], *c["hidden_sizes"][:-1])
-        states = [x]
-        for i, (in_ch, out_ch, depth) in enumerate(zip(ins, c["hidden_sizes"], c["depths"])):
-            stride = 2 if i > 0 or c["downsample_in_first_stage"] else 1
-            states.append(Stage(c, in_ch, out_ch, stride, depth, name=str(i))(states[-1], train))
-        return states
+        return LayerStack(layer, self.depth, name="layers")(x, train)[-1]
 
 
 class Encoder(nn.Module):
@@ -174,7 +127,14 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        return Stages(self.c, name="stages")(x, train)
+        c = self.c
+        ins = (c["embedding_size"], *c["hidden_sizes"][:-1])
+
+        def stage(i, name):
+            stride = 2 if i > 0 or c["downsample_in_first_stage"] else 1
+            return Stage(c, ins[i], c["hidden_sizes"][i], stride, c["depths"][i], name=name)
+
+        return LayerStack(stage, len(c["depths"]), name="stages")(x, train)
 
 
 class Embeddings(nn.Module):
@@ -185,11 +145,7 @@ class Embeddings(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         x = ConvLayer(self.c["embedding_size"], 7, 2, self.c["hidden_act"], name="embedder")(x, train)
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
-def _nchw(x):
-    return jnp.transpose(x, (0, 3, 1, 2))
+        return torch_max_pool(x, 3, 2, 1)
 
 
 class ResNetModel(nn.Module):
@@ -207,24 +163,23 @@ class ResNetModel(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values, *, train: bool = False, output_hidden_states: bool = False):
-        c = config_dict(self.config)
-        x = jnp.transpose(jnp.asarray(pixel_values), (0, 2, 3, 1))  # NCHW -> NHWC
-        x = Embeddings(c, name="embedder")(x, train)
+        c = config_dict(self.config, DEFAULTS)
+        x = Embeddings(c, name="embedder")(to_nhwc(pixel_values), train)
         states = Encoder(c, name="encoder")(x, train)
         last = states[-1]
         out = {
-            "last_hidden_state": _nchw(last),
-            "pooler_output": _nchw(jnp.mean(last, axis=(1, 2), keepdims=True)),
+            "last_hidden_state": to_nchw(last),
+            "pooler_output": to_nchw(jnp.mean(last, axis=(1, 2), keepdims=True)),
         }
         if output_hidden_states:
-            out["hidden_states"] = tuple(_nchw(s) for s in states)
+            out["hidden_states"] = tuple(to_nchw(s) for s in states)
         return out
 
 
 # ------------------------------------------------------------------ key map
 _CONV_LAYER = r"(embedder\.embedder|encoder\.stages\.\d+\.layers\.\d+\.(?:shortcut|layer\.\d+))"
 KEY_MAP = [
-    Rule(_CONV_LAYER + r"\.convolution\.weight", r"\1/convolution/kernel", "conv", ndim=4),
+    KeyRule(_CONV_LAYER + r"\.convolution\.weight", r"\1/convolution/kernel", "conv", ndim=4),
     *batch_norm(_CONV_LAYER + r"\.normalization", r"\1/normalization"),
 ]
 
@@ -235,7 +190,7 @@ def convert(state_dict: Mapping[str, np.ndarray], config: Any) -> tuple[registry
 
 
 def dummy_inputs(config: Any) -> dict:
-    return {"pixel_values": np.zeros((1, config_dict(config)["num_channels"], 32, 32), np.float32)}
+    return {"pixel_values": np.zeros((1, config_dict(config, DEFAULTS)["num_channels"], 32, 32), np.float32)}
 
 
 def build(config: Any) -> ResNetModel:
@@ -248,7 +203,7 @@ registry.register(registry.Family(
     convert=convert,
     dummy_inputs=dummy_inputs,
     layer_pattern=r"encoder/stages/(\d+)/",
-    num_layers=lambda config: len(config_dict(config)["depths"]),
+    num_layers=lambda config: len(config_dict(config, DEFAULTS)["depths"]),
     base_model_prefix="resnet",
     default_pooling="pooler",
 ))

@@ -29,49 +29,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxfer.models import registry
-from jaxfer.weights.keymap import Rule, apply_key_map
+from jaxfer.models.common import LayerStack, SelfAttention, activation, config_dict, dense, pair, to_nhwc
+from jaxfer.models.keymap import KeyRule, apply_key_map
 
-# transformers.ViTConfig defaults (ViT-B/16), for plain-dict configs.
+# transformers.ViTConfig defaults (ViT-B/16), for plain-dict configs; pooler_output_size None: hidden_size.
 DEFAULTS = dict(
     hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
     hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     initializer_range=0.02, layer_norm_eps=1e-12, image_size=224, patch_size=16,
     num_channels=3, qkv_bias=True, pooler_output_size=None, pooler_act="tanh",
 )
-
-_ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
-
-
-def config_dict(config: Any) -> dict:
-    """HF ``ViTConfig`` or dict -> a plain dict with every field the model reads."""
-    c = dict(config) if isinstance(config, Mapping) else config.to_dict()
-    out = {**DEFAULTS, **{k: v for k, v in c.items() if v is not None or k not in DEFAULTS}}
-    if out["pooler_output_size"] is None:
-        out["pooler_output_size"] = out["hidden_size"]
-    return out
-
-
-def _pair(x) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else tuple(x)
-
-
-def _dense(features: int, c: Mapping, name: str, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.normal(c["initializer_range"]),
-                    name=name)
 
 
 # ------------------------------------------------------------------- modules
@@ -83,7 +54,7 @@ class PatchEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.c
-        p = _pair(c["patch_size"])
+        p = pair(c["patch_size"])
         x = nn.Conv(c["hidden_size"], p, strides=p, padding="VALID",
                     kernel_init=nn.initializers.normal(c["initializer_range"]), name="projection")(x)
         b, h, w, d = x.shape
@@ -106,24 +77,6 @@ class Embeddings(nn.Module):
         return nn.Dropout(c["hidden_dropout_prob"])(x, deterministic=deterministic)
 
 
-class SelfAttention(nn.Module):
-    """HF's ``ViTSelfAttention``: ``query``/``key``/``value`` and softmax(q k^T / sqrt(d)) v."""
-
-    c: Mapping
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool):
-        c = self.c
-        b, t, h = x.shape
-        n = c["num_attention_heads"]
-        split = lambda y: y.reshape(b, t, n, h // n)
-        q, k, v = (split(_dense(h, c, name, c["qkv_bias"])(x)) for name in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(h // n).astype(np.float32)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
-        probs = nn.Dropout(c["attention_probs_dropout_prob"])(probs, deterministic=deterministic)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h)
-
-
 class DenseDropout(nn.Module):
     """``dropout(dense(x))`` (HF's ``ViTSelfOutput``/``ViTOutput`` without the residual)."""
 
@@ -131,7 +84,7 @@ class DenseDropout(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        x = _dense(self.c["hidden_size"], self.c, "dense")(x)
+        x = dense(self.c["hidden_size"], self.c["initializer_range"], "dense")(x)
         return nn.Dropout(self.c["hidden_dropout_prob"])(x, deterministic=deterministic)
 
 
@@ -140,7 +93,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        a = SelfAttention(self.c, name="attention")(x, deterministic)
+        c = self.c
+        a = SelfAttention(c["num_attention_heads"], c["initializer_range"], c["attention_probs_dropout_prob"],
+                          c["qkv_bias"], name="attention")(x, None, deterministic)
         return DenseDropout(self.c, name="output")(a, deterministic)
 
 
@@ -150,7 +105,7 @@ class Intermediate(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.c
-        return _ACTIVATIONS[c["hidden_act"]](_dense(c["intermediate_size"], c, "dense")(x))
+        return activation(c["hidden_act"])(dense(c["intermediate_size"], c["initializer_range"], "dense")(x))
 
 
 class Layer(nn.Module):
@@ -167,25 +122,13 @@ class Layer(nn.Module):
         return x + DenseDropout(c, name="output")(h, deterministic)
 
 
-class LayerStack(nn.Module):
-    """The ``encoder/layer`` scope holding layers ``0``, ``1``, ...; returns every state."""
-
-    c: Mapping
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool):
-        states = [x]
-        for i in range(self.c["num_hidden_layers"]):
-            states.append(Layer(self.c, name=str(i))(states[-1], deterministic))
-        return states
-
-
 class Encoder(nn.Module):
     c: Mapping
 
     @nn.compact
     def __call__(self, x, deterministic: bool):
-        return LayerStack(self.c, name="layer")(x, deterministic)
+        c = self.c
+        return LayerStack(lambda i, name: Layer(c, name=name), c["num_hidden_layers"], name="layer")(x, deterministic)
 
 
 class Pooler(nn.Module):
@@ -194,7 +137,8 @@ class Pooler(nn.Module):
     @nn.compact
     def __call__(self, h):
         c = self.c
-        return _ACTIVATIONS[c["pooler_act"]](_dense(c["pooler_output_size"], c, "dense")(h[:, 0]))
+        features = c["pooler_output_size"] or c["hidden_size"]
+        return activation(c["pooler_act"])(dense(features, c["initializer_range"], "dense")(h[:, 0]))
 
 
 class ViTModel(nn.Module):
@@ -214,10 +158,9 @@ class ViTModel(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values, *, train: bool = False, output_hidden_states: bool = False):
-        c = config_dict(self.config)
+        c = config_dict(self.config, DEFAULTS)
         det = not train
-        x = jnp.transpose(jnp.asarray(pixel_values), (0, 2, 3, 1))  # NCHW -> NHWC
-        x = Embeddings(c, name="embeddings")(x, det)
+        x = Embeddings(c, name="embeddings")(to_nhwc(pixel_values), det)
         states = Encoder(c, name="encoder")(x, det)
         last = nn.LayerNorm(epsilon=c["layer_norm_eps"], name="layernorm")(states[-1])
         out = {"last_hidden_state": last}
@@ -246,14 +189,14 @@ _NORMS = [
     (r"layernorm", "layernorm"),
 ]
 KEY_MAP = [
-    Rule(r"embeddings\.(cls_token|position_embeddings)", r"embeddings/\1"),
-    Rule(r"embeddings\.patch_embeddings\.projection\.weight", "embeddings/patch_embeddings/projection/kernel",
+    KeyRule(r"embeddings\.(cls_token|position_embeddings)", r"embeddings/\1"),
+    KeyRule(r"embeddings\.patch_embeddings\.projection\.weight", "embeddings/patch_embeddings/projection/kernel",
          "conv", ndim=4),
-    Rule(r"embeddings\.patch_embeddings\.projection\.bias", "embeddings/patch_embeddings/projection/bias"),
-    *[Rule(src + r"\.weight", dst + "/kernel", "linear", ndim=2) for src, dst in _LINEARS],
-    *[Rule(src + r"\.bias", dst + "/bias") for src, dst in _LINEARS],
-    *[Rule(src + r"\.weight", dst + "/scale", "norm_scale", ndim=1) for src, dst in _NORMS],
-    *[Rule(src + r"\.bias", dst + "/bias") for src, dst in _NORMS],
+    KeyRule(r"embeddings\.patch_embeddings\.projection\.bias", "embeddings/patch_embeddings/projection/bias"),
+    *[KeyRule(src + r"\.weight", dst + "/kernel", "linear", ndim=2) for src, dst in _LINEARS],
+    *[KeyRule(src + r"\.bias", dst + "/bias") for src, dst in _LINEARS],
+    *[KeyRule(src + r"\.weight", dst + "/scale", "norm_scale", ndim=1) for src, dst in _NORMS],
+    *[KeyRule(src + r"\.bias", dst + "/bias") for src, dst in _NORMS],
 ]
 
 
@@ -263,15 +206,15 @@ def convert(state_dict: Mapping[str, np.ndarray], config: Any) -> tuple[registry
 
 
 def dummy_inputs(config: Any) -> dict:
-    c = config_dict(config)
-    h, w = _pair(c["image_size"])
+    c = config_dict(config, DEFAULTS)
+    h, w = pair(c["image_size"])
     return {"pixel_values": np.zeros((1, c["num_channels"], h, w), np.float32)}
 
 
 def has_pooler(config: Any) -> bool:
     """``config.add_pooling_layer`` if set (not a HF field); else whether the checkpoint
     is a bare ``ViTModel`` (task models such as ``ViTForImageClassification`` keep none)."""
-    c = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    c = config_dict(config)
     if c.get("add_pooling_layer") is not None:
         return bool(c["add_pooling_layer"])
     return all(a == "ViTModel" for a in c.get("architectures") or ["ViTModel"])
@@ -287,7 +230,7 @@ registry.register(registry.Family(
     convert=convert,
     dummy_inputs=dummy_inputs,
     layer_pattern=r"encoder/layer/(\d+)/",
-    num_layers=lambda config: int(config_dict(config)["num_hidden_layers"]),
+    num_layers=lambda config: int(config_dict(config, DEFAULTS)["num_hidden_layers"]),
     base_model_prefix="vit",
     default_pooling="cls",
 ))

@@ -1,16 +1,19 @@
-"""Pretrained weights: sources, readers, key maps, strict loading and surgery.
+"""Pretrained weights: sources, readers, strict loading and surgery.
+
+Key maps (checkpoint names -> param paths) live beside the models, in
+:mod:`jaxfer.models.keymap`; ``KeyRule`` & co. are re-exported here.
 
 ``load(source, head=None, reinit=[...])`` is the entry point; see :mod:`jaxfer.weights.load`.
 """
 
-from jaxfer.weights import keymap, readers, sources, surgery
-from jaxfer.weights.keymap import Rule, apply_key_map, batch_norm, generic_rules
+from jaxfer.models.keymap import KeyRule, Transform, apply_key_map, batch_norm, generic_rules
+from jaxfer.weights import readers, sources, strict, surgery
 from jaxfer.weights.load import Model, load
-from jaxfer.weights.merge import LoadError, LoadReport
+from jaxfer.weights.strict import LoadError, LoadReport
 from jaxfer.weights.readers import CheckpointError, write_msgpack, write_npz
 
 __all__ = [
-    "keymap", "readers", "sources", "surgery",
-    "Rule", "apply_key_map", "batch_norm", "generic_rules",
+    "readers", "sources", "strict", "surgery",
+    "KeyRule", "Transform", "apply_key_map", "batch_norm", "generic_rules",
     "Model", "load", "LoadError", "LoadReport", "CheckpointError", "write_msgpack", "write_npz",
 ]

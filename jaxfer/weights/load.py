@@ -4,7 +4,7 @@ Steps: resolve the source (local path or hub id) -> read ``config.json`` ->
 registry family by ``model_type`` -> build the backbone (wrapped with the head
 in a :class:`~jaxfer.models.heads.TaskModel` when ``head`` is given) -> shapes
 of a fresh init via ``jax.eval_shape`` -> read and convert the checkpoint ->
-strict merge (:mod:`jaxfer.weights.merge`).
+strict check (:mod:`jaxfer.weights.strict`).
 
 Heads and task checkpoints. Keys outside the backbone prefix of a task
 checkpoint (``classifier.*`` next to ``bert.*``) are head keys:
@@ -34,8 +34,8 @@ import numpy as np
 from jaxfer import tree
 from jaxfer.models import registry
 from jaxfer.models.heads import TaskModel, train_kwarg
-from jaxfer.weights import merge, readers, sources
-from jaxfer.weights.keymap import apply_key_map, generic_rules, strip_prefix
+from jaxfer.models.keymap import apply_key_map, generic_rules, strip_prefix
+from jaxfer.weights import readers, sources, strict
 
 HEAD_NAME = "classifier"
 
@@ -54,7 +54,7 @@ class Model:
     variables: dict[str, Any]
     config: Any
     family: registry.Family
-    report: merge.LoadReport
+    report: strict.LoadReport
     source: Path | None = None
 
     @property
@@ -131,7 +131,7 @@ def _with_defaults(head: nn.Module, family: registry.Family, config: Any) -> nn.
     return head.clone(**changes) if changes else head
 
 
-def _flat(variables: Mapping[str, Mapping[str, Any]], prefix: str = "") -> dict[merge.Key, Any]:
+def _flat(variables: Mapping[str, Mapping[str, Any]], prefix: str = "") -> dict[strict.Key, Any]:
     pre = prefix + "/" if prefix else ""
     return {(c, pre + p): v for c, vs in variables.items() for p, v in vs.items()}
 
@@ -205,34 +205,34 @@ def load(source: str | os.PathLike, head: nn.Module | None = None, *,
     head_flat = _flat(head_vars)
     ours = {k: v for k, v in head_flat.items() if head is not None and k[1].startswith(HEAD_NAME + "/")}
     for k in head_flat.keys() - ours.keys():
-        dropped[merge.show(k)] = "head keys; no head asked for" if head is None else "another head's keys"
+        dropped[strict.show(k)] = "head keys; no head asked for" if head is None else "another head's keys"
 
     found = _flat(backbone, prefix if head is not None else "")
     found.update(ours)
     new = [k for k in expected if k[1].startswith(HEAD_NAME + "/")] if head is not None and not ours else []
-    plan = merge.plan(expected, found, unused, reinit=reinit, ignore=ignore, new=new, source=str(src))
+    plan = strict.plan(expected, found, unused, reinit=reinit, ignore=ignore, new=new, source=str(src))
 
     fresh_flat = _init(module, family, config, rng, only=list(plan.fresh)) if plan.fresh else {}
-    report = merge.LoadReport(source=str(src), format=ckpt.format, files=[str(f) for f in ckpt.files],
+    report = strict.LoadReport(source=str(src), format=ckpt.format, files=[str(f) for f in ckpt.files],
                               converted=converted, dropped={**dict(sorted(dropped.items())), **plan.dropped})
     out: dict[str, dict[str, Any]] = {}
     for key, want in expected.items():
         coll, path = key
         if key in plan.take:
             value = plan.take[key]
-            report.loaded.append(merge.show(key))
+            report.loaded.append(strict.show(key))
         else:
             value = fresh_flat[key]
             why = plan.fresh[key]
             if why == "new head":
-                report.initialized.append(merge.show(key))
+                report.initialized.append(strict.show(key))
             else:
-                report.reinitialized[merge.show(key)] = why
+                report.reinitialized[strict.show(key)] = why
         target = want.dtype
         if dtype is not None and jnp.issubdtype(want.dtype, jnp.floating):
             target = jnp.dtype(dtype)
         if np.dtype(value.dtype) != np.dtype(target):
-            report.cast[merge.show(key)] = f"{np.dtype(value.dtype).name}->{np.dtype(target).name}"
+            report.cast[strict.show(key)] = f"{np.dtype(value.dtype).name}->{np.dtype(target).name}"
         out.setdefault(coll, {})[path] = (jnp.asarray(value, dtype=target) if place is None
                                           else place(coll, path, value, target))
     variables = {c: tree.unflatten(vs) for c, vs in out.items()}

@@ -1,4 +1,4 @@
-"""Strict merge of converted checkpoint arrays into a model's expected variables.
+"""Strict loading: checkpoint arrays checked against a model's expected variables.
 
 Everything is keyed by ``(collection, path)``. A mismatch is one of
 

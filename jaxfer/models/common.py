@@ -1,0 +1,199 @@
+"""What model families share: activations, config getter, layers with torch semantics.
+
+A family file (``models/<family>.py``) keeps only what is its own: its Linen
+modules (named so params land in the HF Flax layout), its ``KEY_MAP`` (a list of
+:class:`~jaxfer.models.keymap.KeyRule`), ``convert``, ``dummy_inputs``, ``build``
+and one ``registry.register`` line. Everything below is reused, never copied:
+
+* :func:`activation` -- HF ``hidden_act`` names -> functions (one table, :data:`ACTIVATIONS`);
+* :func:`config_dict` -- HF ``PretrainedConfig`` or dict -> plain dict with the
+  family's defaults (a ``None`` value takes the default too);
+* :func:`dense` -- ``nn.Dense`` with ``normal(std)`` kernel init (HF's ``initializer_range``);
+* :class:`SelfAttention` -- multi-head attention; the module's own name and its
+  ``q``/``k``/``v`` submodule names are the caller's, so BERT's
+  ``attention/self/{query,key,value}`` and ViT's ``attention/attention/{query,key,value}``
+  are the same code;
+* :class:`LayerStack` -- the ``layer/<i>`` scope: layer ``i`` is ``make(i, name=str(i))``,
+  every state is returned (embeddings output first);
+* CNNs (torch semantics): :func:`torch_conv` (symmetric ``k // 2`` padding, not
+  ``"SAME"``), :func:`torch_batch_norm` (``eps=1e-5``, flax ``momentum=0.9`` = torch's 0.1),
+  :func:`torch_max_pool` (``-inf`` padding), :func:`to_nhwc` / :func:`to_nchw`, :func:`pair`.
+
+A family file, laid out::
+
+    DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, hidden_act="gelu", ...)
+
+    class Layer(nn.Module):                               # what is the family's own
+        c: Mapping
+        @nn.compact
+        def __call__(self, x, deterministic):
+            a = SelfAttention(self.c["num_attention_heads"], std, name="attention")(x, None, deterministic)
+            return x + dense(self.c["hidden_size"], std, "output")(activation(self.c["hidden_act"])(a))
+
+    KEY_MAP = [KeyRule(r"(.*)\\.weight", r"\\1/kernel", "linear", ndim=2), KeyRule(r"(.*)\\.bias", r"\\1/bias")]
+    def convert(state_dict, config): return apply_key_map(KEY_MAP, state_dict)
+    def build(config): return MyModel(config)             # MyModel reads config_dict(config, DEFAULTS)
+    registry.register(registry.Family("my_type", build, convert, dummy_inputs, r"encoder/layer/(\\d+)/", ...))
+
+Model code never imports :mod:`jaxfer.weights` (weights import models, not back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Activation = Callable[[jax.Array], jax.Array]
+
+# HF ACT2FN names (transformers/activations.py) with the same math.
+ACTIVATIONS: dict[str, Activation] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+    "leaky_relu": nn.leaky_relu,  # slope 0.01, as torch's default
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str) -> Activation:
+    """The activation HF calls ``name``; an unknown name is an error listing the known ones."""
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+def config_dict(config: Any, defaults: Mapping[str, Any] | None = None) -> dict:
+    """HF ``PretrainedConfig`` (``to_dict()``) or a mapping -> a new plain dict.
+
+    Keys of ``defaults`` that are missing or ``None`` take the default; other keys
+    pass through as they are.
+    """
+    c = dict(config) if isinstance(config, Mapping) else config.to_dict()
+    defaults = defaults or {}
+    return {**defaults, **{k: v for k, v in c.items() if v is not None or k not in defaults}}
+
+
+def dense(features: int, std: float, name: str, use_bias: bool = True) -> nn.Dense:
+    """``nn.Dense`` with a ``normal(std)`` kernel (HF's ``initializer_range``) and zero bias."""
+    return nn.Dense(features, use_bias=use_bias, kernel_init=nn.initializers.normal(std), name=name)
+
+
+def padding_bias(attention_mask: jax.Array, dtype: Any) -> jax.Array:
+    """``(B, S)`` mask (1 keep, 0 pad) -> additive bias ``(B, 1, 1, S)``: 0 or ``finfo.min``."""
+    neg = jnp.finfo(dtype).min
+    return jnp.where(jnp.asarray(attention_mask)[:, None, None, :] > 0, 0.0, neg).astype(dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention ``softmax(q k^T / sqrt(d) + bias) v``, heads concatenated.
+
+    ``q, k, v = Dense_{names}(x)`` with ``D = x.shape[-1]`` features each (``context``,
+    when given, feeds ``k`` and ``v``: cross-attention), split into ``num_heads``
+    heads of ``d = D / num_heads``. ``bias`` (or ``None``) is added to the scores
+    ``(B, heads, T, S)`` and broadcasts (:func:`padding_bias` for padding masks).
+    The softmax runs in float32; dropout (``dropout_rate``) acts on the
+    probabilities when not ``deterministic``. No output projection: families
+    name and place that themselves. Returns ``(B, T, D)``.
+    """
+
+    num_heads: int
+    std: float = 0.02
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    names: tuple[str, str, str] = ("query", "key", "value")
+
+    @nn.compact
+    def __call__(self, x, bias=None, deterministic: bool = True, context=None):
+        b, t, h = x.shape
+        n = self.num_heads
+        kv = x if context is None else context
+        split = lambda y: y.reshape(*y.shape[:2], n, h // n)
+        q, k, v = (split(dense(h, self.std, name, self.use_bias)(inp))
+                   for name, inp in zip(self.names, (x, kv, kv)))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(h // n).astype(np.float32)
+        if bias is not None:
+            scores = scores + bias
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h)
+
+
+class LayerStack(nn.Module):
+    """A scope holding layers ``0 .. num_layers - 1`` in sequence; returns every state.
+
+    ``make(i, name=str(i))`` builds layer ``i`` (called inside this scope, so its
+    params live at ``<this scope>/<i>/...``); each layer takes the previous state
+    and the extra ``*args, **kwargs`` given to the stack. Returns
+    ``[x, layer_0(x), layer_1(...), ...]``.
+    """
+
+    make: Callable[..., nn.Module]
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, x, *args, **kwargs):
+        states = [x]
+        for i in range(self.num_layers):
+            states.append(self.make(i, name=str(i))(states[-1], *args, **kwargs))
+        return states
+
+
+# --------------------------------------------------------- CNNs, torch semantics
+BN_MOMENTUM = 0.9  # flax convention: 1 - torch momentum (0.1)
+BN_EPS = 1e-5
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's conv init
+
+
+def pair(x: int | tuple[int, int]) -> tuple[int, int]:
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def torch_padding(padding: int | tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """torch's symmetric ``padding=p`` (or ``(ph, pw)``) as flax's per-edge pairs."""
+    ph, pw = pair(padding)
+    return ((ph, ph), (pw, pw))
+
+
+def torch_conv(features: int, kernel: int | tuple[int, int], stride: int = 1, *, name: str,
+               padding: int | tuple[int, int] | None = None, groups: int = 1, use_bias: bool = False,
+               kernel_init=KAIMING_FAN_OUT) -> nn.Conv:
+    """``nn.Conv`` as ``torch.nn.Conv2d``: ``padding`` on every side (``kernel // 2`` by
+    default; ``"SAME"`` would pad stride-2 convs asymmetrically), ``groups`` channel groups."""
+    kernel = pair(kernel)
+    if padding is None:
+        padding = (kernel[0] // 2, kernel[1] // 2)
+    return nn.Conv(features, kernel, strides=stride, padding=torch_padding(padding),
+                   feature_group_count=groups, use_bias=use_bias, kernel_init=kernel_init, name=name)
+
+
+def torch_batch_norm(train: bool, name: str, *, eps: float = BN_EPS, momentum: float = BN_MOMENTUM) -> nn.BatchNorm:
+    """``nn.BatchNorm`` as ``torch.nn.BatchNorm2d``: batch statistics and running-stat
+    updates (``mutable=["batch_stats"]``) only with ``train``. One difference remains
+    in training: torch updates the running variance with the unbiased batch variance,
+    flax with the biased one (a factor ``n / (n - 1)``, ``n = B * H * W``)."""
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=eps, name=name)
+
+
+def torch_max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+    """``torch.nn.MaxPool2d(kernel, stride, padding)`` on NHWC (padding counts as ``-inf``)."""
+    return nn.max_pool(x, pair(kernel), strides=pair(stride), padding=torch_padding(padding))
+
+
+def to_nhwc(pixel_values) -> jax.Array:
+    """HF/torch ``(B, C, H, W)`` -> flax ``(B, H, W, C)``."""
+    return jnp.transpose(jnp.asarray(pixel_values), (0, 2, 3, 1))
+
+
+def to_nchw(x: jax.Array) -> jax.Array:
+    """flax ``(B, H, W, C)`` -> HF/torch ``(B, C, H, W)``."""
+    return jnp.transpose(x, (0, 3, 1, 2))

@@ -1,0 +1,103 @@
+"""The shared model parts (jaxfer.models.common) and the models -> weights import boundary."""
+
+import ast
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxfer.models
+from jaxfer import tree
+from jaxfer.models import common
+
+
+def test_activation_table_and_unknown_name():
+    x = jnp.array([-2.0, 0.5, 3.0])
+    np.testing.assert_allclose(common.activation("relu")(x), [0.0, 0.5, 3.0])
+    np.testing.assert_allclose(common.activation("quick_gelu")(x), x * jax.nn.sigmoid(1.702 * x), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown activation 'gelu_fast'.*gelu_new"):
+        common.activation("gelu_fast")
+
+
+def test_config_dict_fills_missing_and_none_from_defaults():
+    class HF:  # a PretrainedConfig-like object
+        def to_dict(self):
+            return {"hidden_size": 8, "hidden_act": None, "pad_token_id": None}
+
+    defaults = {"hidden_act": "gelu", "layer_norm_eps": 1e-12}
+    for cfg in (HF(), HF().to_dict()):
+        c = common.config_dict(cfg, defaults)
+        assert c == {"hidden_size": 8, "hidden_act": "gelu", "layer_norm_eps": 1e-12, "pad_token_id": None}
+    src = {"a": 1}
+    common.config_dict(src)["a"] = 2
+    assert src == {"a": 1}  # a copy
+
+
+def test_self_attention_matches_the_formula_and_names_its_submodules():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    mask = np.ones((2, 5), np.int32)
+    mask[1, 3:] = 0
+    bias = common.padding_bias(mask, x.dtype)
+    att = common.SelfAttention(num_heads=2, names=("q", "k", "v"))
+    params = att.init(jax.random.key(1), x, bias)["params"]
+    assert set(params) == {"q", "k", "v"}
+    out = att.apply({"params": params}, x, bias)
+
+    def heads(name):
+        y = x @ params[name]["kernel"] + params[name]["bias"]
+        return y.reshape(2, 5, 2, 4).transpose(0, 2, 1, 3)  # (B, heads, T, d)
+
+    q, k, v = heads("q"), heads("k"), heads("v")
+    scores = q @ k.transpose(0, 1, 3, 2) / 2.0 + np.where(mask[:, None, None, :] > 0, 0.0, -1e30)
+    want = (jax.nn.softmax(scores, -1) @ v).transpose(0, 2, 1, 3).reshape(2, 5, 8)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    # padded keys get no weight: changing x at padded positions leaves row 1's real tokens alone
+    x2 = x.at[1, 3:].set(100.0)
+    np.testing.assert_allclose(att.apply({"params": params}, x2, bias)[1, :3], out[1, :3], atol=1e-5)
+
+
+def test_layer_stack_scopes_and_states():
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return common.LayerStack(lambda i, name: nn.Dense(3 + i, name=name), 3, name="layer")(x)
+
+    x = jnp.ones((1, 2))
+    v = Stack().init(jax.random.key(0), x)
+    assert sorted(tree.paths(v["params"])) == [f"layer/{i}/{p}" for i in range(3) for p in ("bias", "kernel")]
+    states = Stack().apply(v, x)
+    assert [s.shape for s in states] == [(1, 2), (1, 3), (1, 4), (1, 5)]
+
+
+def test_torch_conv_pads_symmetrically_like_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).normal(size=(1, 3, 9, 8)).astype(np.float32)  # odd/even edges
+    ref = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+    conv = common.torch_conv(4, 3, 2, name="c")
+    kernel = np.transpose(ref.weight.detach().numpy(), (2, 3, 1, 0))
+    ours = common.to_nchw(conv.apply({"params": {"kernel": kernel}}, common.to_nhwc(x)))
+    with torch.no_grad():
+        want = ref(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(ours, want, atol=1e-5)
+    pooled = common.to_nchw(common.torch_max_pool(common.to_nhwc(x), 3, 2, 1))
+    np.testing.assert_allclose(pooled, torch.nn.functional.max_pool2d(torch.tensor(x), 3, 2, 1).numpy())
+
+
+def test_models_never_import_weights():
+    """``jaxfer.models`` sits below ``jaxfer.weights``: weights import models, never back."""
+    root = pathlib.Path(jaxfer.models.__file__).parent
+    offenders = []
+    for f in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [f"{f.name}:{node.lineno} {n}" for n in names
+                          if n == "jaxfer.weights" or n.startswith("jaxfer.weights.") or n == "jaxfer.load"]
+    assert len(list(root.glob("*.py"))) >= 6  # the scan sees the family files
+    assert offenders == []
