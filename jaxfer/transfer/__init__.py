@@ -9,6 +9,8 @@
   nothing trains (checked on the traced computation), compute its activations
   once, train the layers above on them.
 * ``lora``: low-rank updates of kernels chosen by path rules, for any ``apply_fn``.
+* ``adapters``: bottleneck adapters on chosen modules' outputs (Houlsby, Pfeiffer), through
+  ``nn.intercept_methods``, no model code edited.
 * ``presets``: named rules (BitFit, LayerNorm tuning, LoRA, adapters).
 * ``regularizers``: L2-SP (an optax transformation), BSS and distillation / LwF (loss terms).
 * ``select``: transferability scores (LogME, LEEP, NCE, H-score, TransRate) to
@@ -17,6 +19,6 @@
   MK-MMD, MCC) and AdaBN.
 """
 
-from jaxfer.transfer import adapt, features, lora, prefix, presets, probe, regularizers, select
+from jaxfer.transfer import adapt, adapters, features, lora, prefix, presets, probe, regularizers, select
 
-__all__ = ["adapt", "features", "lora", "prefix", "presets", "probe", "regularizers", "select"]
+__all__ = ["adapt", "adapters", "features", "lora", "prefix", "presets", "probe", "regularizers", "select"]
