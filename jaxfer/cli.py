@@ -1,4 +1,4 @@
-"""``jaxfer train|eval|predict|inspect --config configs/x.py[:arg] [--config.a.b=v ...]``.
+"""``jaxfer train|eval|predict|inspect|export|serve --config configs/x.py[:arg] [--config.a.b=v ...]``.
 
 Every host of a multi-host run executes the same command. ``jax.distributed``
 is initialised when the run spans several processes: detected on TPU pods and
@@ -17,7 +17,7 @@ import sys
 
 from jaxfer import config as config_lib
 
-COMMANDS = ("train", "eval", "predict", "inspect")
+COMMANDS = ("train", "eval", "predict", "inspect", "export", "serve")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,10 +25,21 @@ def _parser() -> argparse.ArgumentParser:
         prog="jaxfer", description="Fine-tune pretrained models in JAX from a recipe file.",
         epilog="Any recipe value can be overridden: --config.optim.lr=3e-5")
     p.add_argument("command", choices=COMMANDS)
-    p.add_argument("--config", required=True, help="recipe file, optionally with ':arg'")
+    p.add_argument("--config", default=None, help="recipe file, optionally with ':arg' (required "
+                   "except for `serve --export`)")
     p.add_argument("--workdir", default=None,
                    help="checkpoints, metrics and plots go here; a workdir with a checkpoint is resumed")
     p.add_argument("--text", action="append", default=[], help="(predict) a text to classify; repeatable")
+    p.add_argument("--input", action="append", default=[],
+                   help="(predict) a CSV/JSONL of texts, or image files / folders / a .txt list; repeatable")
+    p.add_argument("--output", default=None,
+                   help="(predict) the CSV to write; (export) the folder or .onnx file to write")
+    p.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx"), help="(export) what to write")
+    p.add_argument("--export", default=None, help="(serve) a StableHLO export folder instead of a workdir")
+    p.add_argument("--host", default="127.0.0.1", help="(serve) address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="(serve) port")
+    p.add_argument("--max_batch_size", type=int, default=32, help="(serve) most items in one batch")
+    p.add_argument("--max_wait_ms", type=float, default=10.0, help="(serve) longest wait to fill a batch")
     p.add_argument("--split", default="test", choices=("test", "validation"), help="(eval) which split")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--debug", action="store_true", help="full tracebacks for configuration errors")
@@ -83,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = config_lib.split_overrides(argv)
     args = _parser().parse_args(rest)
+    if args.command == "serve" and args.export:
+        return _serve_export(args)
+    if not args.config:
+        raise SystemExit(f"jaxfer {args.command}: --config is required")
     try:
         cfg = config_lib.load_with_overrides(args.config, overrides)
     except (KeyError, ValueError, FileNotFoundError) as e:
@@ -120,16 +135,65 @@ def _run(args, cfg) -> int:
             raise SystemExit("jaxfer eval: --workdir (the run to evaluate) is required")
         result = experiment.evaluate(cfg, args.workdir, args.split)
         print(json.dumps(checkpoint.to_jsonable(result), indent=1))
+    elif args.command == "predict" and args.input:
+        from jaxfer import deploy, predict_files
+
+        _need_workdir(args)
+        if not args.output:
+            raise SystemExit("jaxfer predict: --output (the CSV to write) goes with --input")
+        predictor = deploy.predictor(deploy.restore(cfg, args.workdir))
+        path = predict_files.predict_files(predictor, args.input, args.output, progress=not args.no_progress)
+        print(f"wrote {path}")
     elif args.command == "predict":
         if cfg.data.kind not in ("csv", "jsonl"):
             raise SystemExit(f"jaxfer predict classifies --text for text recipes; this recipe reads "
-                             f"{cfg.data.kind!r} data: use jaxfer.predict(state, eval_step, batches) in Python")
+                             f"{cfg.data.kind!r} data: give --input (images) and --output")
         if not args.text:
             raise SystemExit("jaxfer predict: give at least one --text")
         for row in experiment.predict_texts(cfg, args.workdir, args.text):
             print(json.dumps(row))
     elif args.command == "inspect":
         print(experiment.explain(cfg))
+    elif args.command == "export":
+        from jaxfer import deploy
+
+        _need_workdir(args)
+        out = args.output or os.path.join(args.workdir, "export" if args.format == "stablehlo" else "model.onnx")
+        print(f"wrote {deploy.export(deploy.restore(cfg, args.workdir), out, args.format)}")
+    elif args.command == "serve":
+        from jaxfer import deploy
+
+        _need_workdir(args)
+        _serve(args, deploy.predictor(deploy.restore(cfg, args.workdir), _batch_sizes(args)))
+    return 0
+
+
+def _need_workdir(args) -> None:
+    if not args.workdir:
+        raise SystemExit(f"jaxfer {args.command}: --workdir (the trained run) is required")
+
+
+def _batch_sizes(args) -> tuple[int, ...]:
+    """Powers of two up to --max_batch_size: few compiled programs, little padding."""
+    sizes = [1]
+    while sizes[-1] * 2 < args.max_batch_size:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sorted(set(sizes + [args.max_batch_size])))
+
+
+def _serve(args, predictor) -> None:
+    from jaxfer import serve
+
+    serve.serve(predictor, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                max_wait_ms=args.max_wait_ms)
+
+
+def _serve_export(args) -> int:
+    from jaxfer.inference import Predictor
+
+    if not os.path.isdir(args.export):
+        raise SystemExit(f"jaxfer serve: --export {args.export!r} is not a folder")
+    _serve(args, Predictor.from_export(args.export, batch_sizes=_batch_sizes(args)))
     return 0
 
 

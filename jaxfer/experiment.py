@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfer import masks, metrics, optim, param_table
+from jaxfer import deploy, masks, metrics, optim, param_table
 from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
@@ -216,6 +216,8 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     _log(str(run.model.report))
     _log(str(explain(cfg, run.model, depth=4)))  # per layer; `jaxfer inspect` shows every leaf
     _log(f"data: {run.data.sizes}")
+    if workdir:  # what predict/serve/export need besides the checkpoint: tokenizer, label names
+        deploy.save_spec(workdir, cfg, run.model, run.data.label_names, head_for(cfg).problem_type)
     state, history = loop.fit(
         run.state, run.train_step, run.data.train, steps=cfg.train.steps,
         eval_step=run.eval_step, eval_batches=run.data.validation,

@@ -1,0 +1,103 @@
+"""A trained run's workdir -> what you ship: a predictor, a serving export, a CSV of predictions.
+
+    trained = deploy.restore(cfg, "runs/top2")       # best (or latest) checkpoint + inference spec
+    deploy.predictor(trained)(["what a lovely day"])   # see jaxfer.inference.Predictor
+    deploy.export(trained, "runs/top2/export", "stablehlo")   # or "onnx"
+
+At train time :func:`save_spec` writes ``workdir/inference/``: the
+:class:`~jaxfer.inference.Spec` (preprocessing, label names, problem type) and
+the tokenizer's files, so predicting, serving and exporting read the model's
+preprocessing from the workdir, not from the data or the model's source (a run
+made before this existed falls back to the recipe and the model's source).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from jaxfer.inference import DEFAULT_BATCH_SIZES, SPEC_DIR, SPEC_FILE, Predictor, Spec, load_tokenizer
+
+FORMATS = ("stablehlo", "onnx")
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained model ready for inference: ``variables = {"params": ..., **model_state}``."""
+
+    model: Any
+    variables: dict[str, Any]
+    spec: Spec
+    tokenizer: Any = None
+
+
+def spec_dir(workdir: str) -> str:
+    return os.path.join(workdir, SPEC_DIR)
+
+
+def save_spec(workdir: str, cfg, model, label_names: Sequence[str] | None,
+              problem_type: str = "single_label") -> str | None:
+    """``workdir/inference/``: ``inference.json`` and, for text, the tokenizer (process 0 writes)."""
+    if jax.process_index() != 0:
+        return None
+    spec = Spec.from_config(cfg, label_names, problem_type)
+    tokenizer = model.tokenizer() if spec.kind == "text" else None
+    return spec.save(spec_dir(workdir), tokenizer)
+
+
+def load_spec(cfg, workdir: str, model, problem_type: str) -> tuple[Spec, Any]:
+    """The workdir's saved spec and tokenizer, else the recipe's and the model source's."""
+    folder = spec_dir(workdir)
+    if os.path.exists(os.path.join(folder, SPEC_FILE)):
+        spec = Spec.load(folder)
+        return spec, (load_tokenizer(folder) if spec.kind == "text" else None)
+    spec = Spec.from_config(cfg, problem_type=problem_type)
+    return spec, (model.tokenizer() if spec.kind == "text" else None)
+
+
+def restore(cfg, workdir: str) -> Trained:
+    """The workdir's best checkpoint (latest without evaluations), on this host."""
+    from jaxfer import experiment
+
+    run = experiment.restore_trained(cfg, workdir, with_data=False)
+    state = jax.device_get(run.state) if jax.process_count() == 1 else run.state
+    variables = {"params": state.params, **state.model_state}
+    spec, tokenizer = load_spec(cfg, workdir, run.model, experiment.head_for(cfg).problem_type)
+    return Trained(run.model, variables, spec, tokenizer)
+
+
+def predictor(trained: Trained, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> Predictor:
+    return Predictor.from_model(trained.model, trained.variables, trained.spec,
+                                tokenizer=trained.tokenizer, batch_sizes=batch_sizes)
+
+
+def export(trained: Trained, out: str, format: str = "stablehlo", *,
+           platforms: Sequence[str] | None = None) -> str:
+    """Write a serving export of ``trained`` (see :mod:`jaxfer.export`); returns its path.
+
+    ``stablehlo``: the folder ``out`` (with the tokenizer, so ``jaxfer serve --export out``
+    needs nothing else); ``onnx``: the file ``out`` (``.onnx`` added if missing).
+    """
+    from jaxfer import export as export_lib
+    from jaxfer.train.step import model_apply
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
+    example = Predictor(lambda x: x, trained.spec, trained.tokenizer).example_inputs(2)
+    apply_fn = model_apply(trained.model)
+    if format == "onnx":
+        path = out if out.endswith(".onnx") else out + ".onnx"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return export_lib.onnx(path, apply_fn, trained.variables, example,
+                               problem_type=trained.spec.problem_type)
+    folder = export_lib.stablehlo(out, apply_fn, trained.variables, example,
+                                  problem_type=trained.spec.problem_type,
+                                  label_names=trained.spec.label_names,
+                                  preprocessing=trained.spec.preprocessing, platforms=platforms)
+    if trained.tokenizer is not None:
+        trained.tokenizer.save_pretrained(folder)
+    return folder
