@@ -81,10 +81,11 @@ def get_config(arg: str = "top2"):
     c.train.eval_every = 100
     c.train.log_every = 10
     c.train.checkpoint_every = 100
-    c.train.keep = 1
+    c.train.keep = 2  # the newest readable one is resumed when the latest is damaged
     c.train.keep_best = 1
     c.train.best_metric = "accuracy"
     c.train.patience = 0  # evaluations without improvement before stopping; 0: never stop early
+    c.train.max_nonfinite_skips = 5  # non-finite steps skipped in a row before the run stops
     c.train.trainable_only_checkpoints = arg != "full"
 
     c.mesh = ml_collections.ConfigDict()

@@ -66,6 +66,7 @@ def get_config(arg: str = "full"):
     c.train.keep_best = 1
     c.train.best_metric = "accuracy"
     c.train.patience = 0
+    c.train.max_nonfinite_skips = 5  # non-finite steps skipped in a row before the run stops
     c.train.trainable_only_checkpoints = arg == "probe"
 
     c.mesh = ml_collections.ConfigDict()

@@ -115,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxfer import masks, tree
-    from jaxfer.train.checkpoint import CheckpointError
+    from jaxfer.errors import JaxferError
     from jaxfer.weights import CheckpointError as WeightsError, LoadError
 
     return (tree.NoMatchError, masks.ShadowedRuleError, masks.UnmatchedPathError, LoadError,
-            WeightsError, CheckpointError, FileNotFoundError)
+            WeightsError, JaxferError, FileNotFoundError)
 
 
 def _run(args, cfg) -> int:

@@ -225,7 +225,7 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         workdir=workdir, checkpointer=run.checkpointer, checkpoint_every=cfg.train.checkpoint_every,
         log_every=cfg.train.log_every, best_metric=cfg.train.best_metric,
         best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
-        config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress)
+        max_nonfinite_skips=cfg.train.get("max_nonfinite_skips", 5), config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress)
     trained_steps = loop.current_step(state)
     if run.checkpointer is not None and run.checkpointer.best_step() is not None:
         state, _, _ = run.checkpointer.restore(state, best=True)  # best by validation

@@ -44,10 +44,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxfer import tree
+from jaxfer.errors import CheckpointError, NonFiniteError
 from jaxfer.train.state import TrainState
 
 PyTree = Any
@@ -56,8 +58,17 @@ SECTIONS = ("params", "opt_state", "model_state")
 _MAX_LISTED = 20
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, partial or corrupt, or does not fit the template."""
+_finite_leaves = jax.jit(lambda leaves: {p: jnp.all(jnp.isfinite(x)) for p, x in leaves.items()})
+
+
+def nonfinite_paths(flat: Mapping[str, Any]) -> list[str]:
+    """Paths of the float leaves of ``{path: array}`` holding a NaN or an inf (one jitted pass)."""
+    floats = {p: x for p, x in flat.items()
+              if jnp.issubdtype(_dtype(x), jnp.inexact)}
+    if not floats:
+        return []
+    finite = jax.device_get(_finite_leaves(floats))
+    return sorted(p for p, ok in finite.items() if not np.all(ok))
 
 
 # ------------------------------------------------------------------ helpers
@@ -83,6 +94,11 @@ def to_jsonable(x: Any) -> Any:
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     return str(x)
+
+
+def _all_finite_numbers(metrics: Mapping) -> bool:
+    """No top-level number in ``metrics`` is NaN or inf."""
+    return all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
 
 
 def _flat_state(state: TrainState, trainable: PyTree | None) -> dict[str, Any]:
@@ -198,11 +214,12 @@ class Checkpointer:
 
     def _score(self, step: int) -> float | None:
         try:
-            value = (self.metrics(step) or {}).get(self.best_metric)
+            metrics = self.metrics(step) or {}
         except CheckpointError:
             return None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            return None
+        value = metrics.get(self.best_metric)
+        if not isinstance(value, (int, float)) or not _all_finite_numbers(metrics):
+            return None  # NaN logits can give a finite accuracy: any NaN disqualifies
         return float(value) if self.best_mode == "max" else -float(value)
 
     def best_step(self) -> int | None:
@@ -231,6 +248,11 @@ class Checkpointer:
         typed = _is_typed_key(rng)
         if typed:
             flat["rng"] = jax.random.key_data(rng)
+        bad = nonfinite_paths(flat)
+        if bad:
+            raise NonFiniteError(
+                f"refusing to save step {step} to {self.directory}: {len(bad)} leaves hold NaN or "
+                f"inf, e.g. {bad[:5]}; the checkpoints already there are kept")
         meta = {
             "format": FORMAT_VERSION,
             "step": step,

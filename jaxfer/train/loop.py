@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from jaxfer import metrics as metrics_lib
+from jaxfer.errors import NonFiniteError
 from jaxfer.train.checkpoint import Checkpointer, initial_state, to_jsonable
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,14 @@ def evaluate(state, eval_step: EvalStep, batches: Iterable[Batch], *,
 
 
 # ----------------------------------------------------------------- logging
+def _finite_or_none(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    return x
+
+
 def _scalars(record: dict) -> dict[str, float]:
     return {k: float(v) for k, v in record.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
@@ -158,6 +167,7 @@ class _RunLog:
         self._tb = SummaryWriter(os.path.join(self.workdir, "tb"))
 
     def write(self, record: dict) -> None:
+        record = _finite_or_none(record)  # strict JSON: a NaN is never logged as a number
         self.history.append(record)
         if self._jsonl is None:
             return
@@ -201,14 +211,77 @@ def plot_curves(history: Sequence[dict], path: str) -> None:
 
 # --------------------------------------------------------------------- fit
 def _window_record(step: int, window: list[dict], examples: int, seconds: float) -> dict:
-    """Mean of each train metric over the steps since the last log."""
+    """Mean of each train metric over the steps since the last log.
+
+    Steps the non-finite guard skipped count in ``nonfinite`` (and ``examples``)
+    but not in the means; a value that is still not finite is left out, so the
+    log never holds NaN or inf.
+    """
     host = jax.device_get(window)
+    skipped = [float(np.max(m.get("nonfinite", 0.0))) > 0 for m in host]
+    kept = [m for m, s in zip(host, skipped) if not s]
     record: dict[str, Any] = {"step": step, "split": "train"}
     for key in host[0]:
-        values = [float(np.mean(m[key])) for m in host]
-        record[key] = float(np.sum(values)) if key == "examples" else float(np.mean(values))
+        if key == "examples":
+            record[key] = float(np.sum([np.mean(m[key]) for m in host]))
+        elif key == "nonfinite":
+            record[key] = int(sum(skipped))
+        elif kept:
+            value = float(np.mean([np.mean(m[key]) for m in kept]))
+            if math.isfinite(value):
+                record[key] = value
     record["examples_per_sec"] = examples / seconds if seconds > 0 else 0.0
     return record
+
+
+def _finite_report(report: dict) -> bool:
+    """Every scalar of an eval report is finite (NaN logits can still give a finite accuracy)."""
+    return all(math.isfinite(v) for v in _scalars(report).values())
+
+
+class _NonFiniteWatch:
+    """Counts the steps the guard skipped, from ``metrics["nonfinite"]`` fetched lazily.
+
+    Steps without that metric (a ``train_step`` built without the guard) count
+    as non-finite when their ``loss`` is not finite, and stop the run at once:
+    their state may already hold the NaN.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 0:
+            raise ValueError(f"max_nonfinite_skips must be >= 0, got {limit}")
+        self.limit, self.pending, self.run = limit, [], []
+
+    def add(self, step: int, metrics: dict) -> None:
+        if "nonfinite" in metrics:
+            self.pending.append((step, True, metrics["nonfinite"]))
+        elif "loss" in metrics:
+            self.pending.append((step, False, metrics["loss"]))
+
+    def check(self) -> str | None:
+        """``None``, or why the run must stop now."""
+        values = jax.device_get([v for _, _, v in self.pending])
+        pending, self.pending = self.pending, []
+        for (step, guarded, _), value in zip(pending, values):
+            bad = float(np.max(value)) > 0 if guarded else not np.all(np.isfinite(value))
+            if not bad:
+                self.run = []
+                continue
+            self.run.append(step)
+            if not guarded:
+                return (f"step {step} gave a non-finite loss and this train_step has no "
+                        "non-finite guard (jaxfer.make_train_step has one), so its state may "
+                        "hold NaN: stopped without saving it")
+            if len(self.run) > self.limit:
+                steps = f"steps {self.run[0]} to {step}" if len(self.run) > 1 else f"step {step}"
+                return (f"non-finite loss, gradients or model state at {steps} ({len(self.run)} "
+                        f"in a row, more than max_nonfinite_skips={self.limit}); each was "
+                        f"skipped, so the parameters are those after step {self.run[0] - 1}. "
+                        "Lower the learning rate, clip gradients, or check the data for "
+                        "inf/NaN inputs and labels outside [0, num_classes)")
+            logger.warning("step %d: non-finite loss, gradients or model state; update skipped "
+                           "(%d in a row, at most %d)", step, len(self.run), self.limit)
+        return None
 
 
 def _batch_examples(batch: Batch) -> int:
@@ -238,7 +311,8 @@ class _EarlyStopping:
             raise KeyError(f"best_metric {self.metric!r} is not among the eval metrics "
                            f"{sorted(_scalars(report))}")
         value = float(report[self.metric])
-        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        better = _finite_report(report) and (  # a non-finite evaluation is never the best
+            self.best is None or (value > self.best if self.mode == "max" else value < self.best))
         if better:
             self.best, self.best_step, self.bad = value, step, 0
         else:
@@ -267,6 +341,7 @@ def fit(
     best_metric: str = "accuracy",
     best_mode: str = "max",
     patience: int = 0,
+    max_nonfinite_skips: int = 5,
     config: Any = None,
     shard_batch: Callable[[Batch], Batch] | None = None,
     progress: bool = True,
@@ -295,7 +370,14 @@ def fit(
         step, so align it with ``eval_every`` for best-checkpoint retention.
       log_every: fetch and log train metrics every this many steps.
       best_metric, best_mode, patience: early stopping after ``patience`` evals
-        without improvement of ``best_metric`` (0: never).
+        without improvement of ``best_metric`` (0: never). An evaluation with a
+        non-finite value is never the best.
+      max_nonfinite_skips: how many steps in a row the step's non-finite guard
+        may skip (``metrics["nonfinite"]``, see :func:`jaxfer.make_train_step`)
+        before the run stops with :class:`~jaxfer.errors.NonFiniteError` naming
+        the steps (0: stop at the first). Checked when metrics are fetched (every
+        ``log_every`` steps, before evaluations and checkpoints), so the loop
+        never waits on every step; skipped steps leave the state finite.
       config: saved as ``workdir/config.json`` and with each checkpoint.
       shard_batch: host batch -> device batch (e.g. ``jaxfer.train.parallel.shard_batch``).
       progress: a tqdm bar on process 0.
@@ -304,6 +386,10 @@ def fit(
 
     Returns:
       ``(state, history)``: the final state and the list of log records.
+
+    Raises:
+      NonFiniteError: too many non-finite steps in a row (nothing non-finite
+        is ever saved).
     """
     shard_batch = shard_batch or _identity
     workdir = os.fspath(workdir) if workdir is not None else None
@@ -326,6 +412,13 @@ def fit(
         logger.info("resumed from %s at step %d", checkpointer.directory, start)
     log = _RunLog(workdir, start if resumed else None, config)
     stopper = _EarlyStopping(best_metric, best_mode, patience, saved.get("early_stopping"))
+    watch = _NonFiniteWatch(max_nonfinite_skips)
+
+    def stop_if_nonfinite(step: int) -> None:
+        why = watch.check()
+        if why is not None:
+            log.write({"step": step, "split": "stop", "reason": "nonfinite", "message": why})
+            raise NonFiniteError(f"training stopped at step {step}: {why}")
 
     from tqdm.auto import tqdm
 
@@ -345,10 +438,12 @@ def fit(
             state, step_metrics = train_step(state, shard_batch(batch))
             step += 1
             window.append(step_metrics)
+            watch.add(step, step_metrics)
             bar.update(1)
             records: list[dict] = []
             if step % log_every == 0 or step == steps:
                 jax.block_until_ready(step_metrics)  # time the computation, not its dispatch
+                stop_if_nonfinite(step)
                 now = time.perf_counter()
                 record = _window_record(step, window, window_examples, now - window_start)
                 window, window_examples, window_start = [], 0, now
@@ -358,6 +453,7 @@ def fit(
                                  if k in record}, refresh=False)
             eval_report = None
             if can_eval and ((eval_every and step % eval_every == 0) or step == steps):
+                stop_if_nonfinite(step)
                 eval_report = evaluate(state, eval_step, eval_batches, task=task,
                                        label_names=label_names, shard_batch=shard_batch)
                 last_eval = step
@@ -370,6 +466,7 @@ def fit(
                 window_start = time.perf_counter()  # keep eval time out of examples/s
             if checkpointer is not None and (
                     (checkpoint_every and step % checkpoint_every == 0) or step == steps or stop):
+                stop_if_nonfinite(step)
                 checkpointer.save(step, state, config=config, metrics=eval_report, data_state={
                     "iterator": data_state, "early_stopping": stopper.state()})
             if stop:
@@ -380,6 +477,7 @@ def fit(
             for hook in hooks:
                 hook(step, state, records)
         if step > start and step < steps and not stop:  # data ran out: finish cleanly
+            stop_if_nonfinite(step)
             if can_eval and last_eval != step:
                 log.write({"step": step, "split": "eval", **evaluate(
                     state, eval_step, eval_batches, task=task, label_names=label_names,

@@ -21,6 +21,13 @@ What ``trainable`` (a bool tree shaped like the params) does in the train step:
   scale/bias are frozen runs with its running statistics during training (and
   those statistics stay fixed), and every ``flax.linen.Dropout`` inside a module
   whose parameters are all frozen is off (``frozen_dropout=False`` keeps it).
+
+The non-finite guard (``skip_nonfinite=True``, the default): when the loss, a
+gradient, an update or the new model state (batch statistics) is not finite,
+the step keeps the old params, optimizer state and model state (bit-identical;
+the batch is still consumed: ``step`` and ``rng`` advance) and reports
+``metrics["nonfinite"] = 1``. :func:`jaxfer.train.loop.fit` stops the run after
+too many of those in a row.
 """
 
 from __future__ import annotations
@@ -220,6 +227,17 @@ def _sync_model_state(model_state: PyTree, frozen_modules: frozenset[str], axis_
     return tree.map_with_path(sync, model_state)
 
 
+def _all_finite(values: PyTree) -> jax.Array:
+    """True when every float leaf of ``values`` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(values)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _where(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
 def _all_true(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda _: True, params)
 
@@ -228,7 +246,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
                     trainable: PyTree | None = None, *, micro_batches: int = 1,
                     lr_schedule: optax.Schedule | None = None, axis_name: str | None = None,
                     jit: bool = True, donate: bool = True, frozen_batch_norm: bool = True,
-                    frozen_dropout: bool = True, state_sharding: Any = None, batch_sharding: Any = None
+                    frozen_dropout: bool = True, skip_nonfinite: bool = True,
+                    state_sharding: Any = None, batch_sharding: Any = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)``.
 
@@ -253,6 +272,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
       frozen_dropout: switch off the dropout of modules whose parameters are all
         frozen, so the frozen part runs as in inference (see
         :func:`frozen_inference_scope`); ``False`` keeps it random, as before.
+      skip_nonfinite: the non-finite guard (module docstring); ``False`` applies
+        every update, finite or not (``metrics["nonfinite"]`` is still reported).
       state_sharding / batch_sharding: ``in_shardings``/``out_shardings`` for ``jax.jit``.
 
     Gradients are taken only for the trainable partition. The optimizer still
@@ -264,7 +285,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
     Metrics: ``loss`` (weighted mean), ``grad_norm`` (global norm of the
     trainable gradients), ``examples`` (sum of ``batch["mask"]``, or the batch
-    size), and ``lr`` when ``lr_schedule`` is given.
+    size), ``nonfinite`` (1.0 when the guard found a non-finite value, else 0.0)
+    and ``lr`` when ``lr_schedule`` is given.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -323,9 +345,15 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
         updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
         trainable_updates, _ = tree.partition(updates, mask)
         new_trainable = optax.apply_updates(trainable_params, trainable_updates)
+        finite = _all_finite((loss_sum, grads, trainable_updates, model_state))
+        if skip_nonfinite:  # keep the old values; frozen leaves are untouched either way
+            new_trainable, opt_state, model_state = _where(
+                finite, (new_trainable, opt_state, model_state),
+                (trainable_params, state.opt_state, state.model_state))
         params = tree.merge(new_trainable, frozen_params)
 
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "examples": examples}
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "examples": examples,
+                   "nonfinite": 1.0 - finite.astype(jnp.float32)}
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
