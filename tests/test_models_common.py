@@ -86,6 +86,44 @@ def test_torch_conv_pads_symmetrically_like_torch():
     np.testing.assert_allclose(pooled, torch.nn.functional.max_pool2d(torch.tensor(x), 3, 2, 1).numpy())
 
 
+@pytest.mark.parametrize("size", [(9, 8), (5, 3), (14, 14)])
+def test_pools_match_torch(size):
+    """Adaptive average pooling (bins that overlap, or repeat an input when the map is
+    smaller than the output) and average pooling with/without counting the padding."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = np.random.default_rng(1).normal(size=(2, 3, *size)).astype(np.float32)
+    t, nhwc = torch.tensor(x), common.to_nhwc(x)
+    ours = common.to_nchw(common.adaptive_avg_pool(nhwc, 7))
+    np.testing.assert_allclose(ours, F.adaptive_avg_pool2d(t, 7).numpy(), atol=1e-6)
+    for include in (True, False):
+        ours = common.to_nchw(common.torch_avg_pool(nhwc, 3, 1, 1, count_include_pad=include))
+        np.testing.assert_allclose(ours, F.avg_pool2d(t, 3, 1, 1, count_include_pad=include).numpy(), atol=1e-6)
+    # Keras/TF "same" average pooling = torch's with the padding left out of the count (stride 1)
+    np.testing.assert_allclose(common.same_avg_pool(nhwc, 3), common.torch_avg_pool(nhwc, 3, 1, 1,
+                               count_include_pad=False), atol=1e-6)
+
+
+def test_same_conv_pads_like_tensorflow():
+    """TF "SAME", stride 2 on an even size: no padding before, one row/column after."""
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    conv = common.same_conv(1, 3, 2, name="c")
+    y = conv.apply({"params": {"kernel": jnp.ones((3, 3, 1, 1))}}, x)
+    assert y.shape == (1, 2, 2, 1)
+    assert float(y[0, 0, 0, 0]) == float(x[0, :3, :3].sum())  # window rows/cols 0-2: nothing padded before
+    assert float(y[0, 1, 1, 0]) == float(x[0, 2:, 2:].sum())   # rows/cols 2-3 + one padded
+
+
+def test_drop_path_drops_whole_examples_and_rescales():
+    x = jnp.ones((1000, 2, 2, 3))
+    y = common.drop_path(x, 0.25, deterministic=False, rng=jax.random.key(0))
+    per_example = np.asarray(y).reshape(1000, -1)
+    assert set(np.unique(per_example)) <= {np.float32(0.0), np.float32(1 / 0.75)}
+    assert (per_example.min(1) == per_example.max(1)).all()  # all or nothing per example
+    assert 0.2 < (per_example[:, 0] == 0).mean() < 0.3
+    assert common.drop_path(x, 0.25, deterministic=True) is x
+
+
 def test_models_never_import_weights():
     """``jaxfer.models`` sits below ``jaxfer.weights``: weights import models, never back."""
     root = pathlib.Path(jaxfer.models.__file__).parent

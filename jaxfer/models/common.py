@@ -17,7 +17,11 @@ and one ``registry.register`` line. Everything below is reused, never copied:
   every state is returned (embeddings output first);
 * CNNs (torch semantics): :func:`torch_conv` (symmetric ``k // 2`` padding, not
   ``"SAME"``), :func:`torch_batch_norm` (``eps=1e-5``, flax ``momentum=0.9`` = torch's 0.1),
-  :func:`torch_max_pool` (``-inf`` padding), :func:`to_nhwc` / :func:`to_nchw`, :func:`pair`.
+  :func:`torch_max_pool` (``-inf`` padding), :func:`torch_avg_pool` (``count_include_pad``),
+  :func:`adaptive_avg_pool` (``nn.AdaptiveAvgPool2d``), :func:`to_nhwc` / :func:`to_nchw`, :func:`pair`;
+* CNNs, TensorFlow semantics: :func:`same_conv` (``"SAME"``: the extra row/column of
+  padding at the bottom/right), :func:`same_avg_pool` (padding not counted);
+* :func:`drop_path` (stochastic depth: whole residual branches dropped per example).
 
 A family file, laid out::
 
@@ -57,6 +61,7 @@ ACTIVATIONS: dict[str, Activation] = {
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": nn.relu,
+    "relu6": jax.nn.relu6,
     "leaky_relu": nn.leaky_relu,  # slope 0.01, as torch's default
     "silu": nn.silu,
     "swish": nn.silu,
@@ -197,3 +202,59 @@ def to_nhwc(pixel_values) -> jax.Array:
 def to_nchw(x: jax.Array) -> jax.Array:
     """flax ``(B, H, W, C)`` -> HF/torch ``(B, C, H, W)``."""
     return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def torch_avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0, *,
+                   count_include_pad: bool = True) -> jax.Array:
+    """``torch.nn.AvgPool2d(kernel, stride, padding, count_include_pad=...)`` on NHWC.
+
+    With ``count_include_pad`` (torch's default) every window divides by
+    ``kernel**2``; without it, by the number of real (unpadded) pixels in the window.
+    """
+    return nn.avg_pool(x, pair(kernel), strides=pair(stride), padding=torch_padding(padding),
+                       count_include_pad=count_include_pad)
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
+    """``torch.nn.AdaptiveAvgPool2d(output_size)`` on NHWC: output cell ``i`` (per axis, input
+    size ``n``, output size ``m``) averages inputs ``floor(i n / m) .. ceil((i + 1) n / m) - 1``
+    (bins may overlap, or repeat one input when ``n < m``)."""
+    (oh, ow), (h, w) = pair(output_size), x.shape[1:3]
+    if (oh, ow) == (h, w):
+        return x
+
+    def bins(n, m):
+        return [(i * n // m, -(-(i + 1) * n // m)) for i in range(m)]
+
+    rows = [x[:, a:b].mean(axis=1) for a, b in bins(h, oh)]              # each (B, W, C)
+    x = jnp.stack(rows, axis=1)                                           # (B, oh, W, C)
+    cols = [x[:, :, a:b].mean(axis=2) for a, b in bins(w, ow)]
+    return jnp.stack(cols, axis=2)
+
+
+def same_conv(features: int, kernel: int | tuple[int, int], stride: int = 1, *, name: str,
+              groups: int = 1, use_bias: bool = False, kernel_init=KAIMING_FAN_OUT) -> nn.Conv:
+    """``nn.Conv`` with TensorFlow's ``"SAME"`` padding: output ``ceil(n / stride)``, total
+    padding ``max((out - 1) * stride + k - n, 0)`` split ``total // 2`` before and the rest
+    after -- what TF-trained checkpoints (EfficientNet, Keras) and their PyTorch ports
+    (``Conv2dStaticSamePadding``) compute. ``groups=features`` is a depthwise conv."""
+    return nn.Conv(features, pair(kernel), strides=stride, padding="SAME", feature_group_count=groups,
+                   use_bias=use_bias, kernel_init=kernel_init, name=name)
+
+
+def same_avg_pool(x: jax.Array, kernel: int, stride: int = 1) -> jax.Array:
+    """Keras ``AveragePooling2D(kernel, stride, padding="same")`` on NHWC: TF padding,
+    each window divided by its number of real pixels."""
+    return nn.avg_pool(x, pair(kernel), strides=pair(stride), padding="SAME", count_include_pad=False)
+
+
+def drop_path(x: jax.Array, rate: float, *, deterministic: bool, rng: jax.Array | None = None) -> jax.Array:
+    """Stochastic depth on a residual branch: each example's ``x`` is zeroed with
+    probability ``rate`` and otherwise scaled by ``1 / (1 - rate)`` (timm's ``drop_path``,
+    EfficientNet's ``drop_connect``). The identity when ``deterministic`` or ``rate == 0``;
+    else ``rng`` (e.g. ``module.make_rng("dropout")``) draws the per-example keep mask."""
+    if deterministic or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))

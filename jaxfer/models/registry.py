@@ -42,6 +42,18 @@ class Family:
       default_pooling: how a classification head pools the backbone output by
         default, matching HF's ``*ForSequence/ImageClassification``: ``"pooler"``
         (``pooler_output``), ``"cls"`` (``last_hidden_state[:, 0]``) or ``"mean"``.
+      head_map: key rules for the checkpoint's own classification head when its
+        keys are not ``classifier.*`` beside the backbone prefix (EfficientNet's
+        ``_fc``, torchvision's ``fc``): applied to the keys ``convert`` left unused,
+        they land in the head's namespace (``classifier/kernel``), so a head of the
+        same size loads them and another size needs ``reinit=["classifier/**"]``.
+      feature_layers: ``config -> tuple`` of module paths inside the backbone
+        whose outputs are the family's named feature maps (stage ends, shallow to
+        deep; :mod:`jaxfer.models.feature_maps`).
+      preprocessing: ``config -> dict`` of what the pretrained weights expect
+        (``size``, ``resize``, ``mean``, ``std``, ``resample``; the arguments of
+        :func:`jaxfer.data.image.image_transform`), used when the checkpoint has no
+        ``preprocessor_config.json``.
     """
 
     model_type: str
@@ -52,6 +64,9 @@ class Family:
     num_layers: Callable[[Any], int]
     base_model_prefix: str = ""
     default_pooling: str = "pooler"
+    head_map: tuple = ()
+    feature_layers: Callable[[Any], tuple[str, ...]] | None = None
+    preprocessing: Callable[[Any], dict] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -80,7 +95,7 @@ def _import_builtin_families() -> None:
     # Imported lazily so that `import jaxfer` stays cheap; each module registers itself.
     import importlib
 
-    for name in ("bert", "vit", "resnet"):
+    for name in ("bert", "vit", "resnet", "efficientnet"):
         try:
             importlib.import_module(f"jaxfer.models.{name}")
         except ModuleNotFoundError as e:  # a family not written yet

@@ -193,6 +193,10 @@ def load(source: str | os.PathLike, head: nn.Module | None = None, *,
         inner, rest = strip_prefix(ckpt.state_dict, prefix)
         backbone, unused = family.convert(inner, config)
         head_vars, head_unused = apply_key_map(generic_rules(), rest)
+        if family.head_map and unused:  # the checkpoint's own head under another name (EfficientNet's _fc)
+            own_head, unused = apply_key_map(family.head_map, {k: inner[k] for k in unused})
+            for c, vs in own_head.items():
+                head_vars.setdefault(c, {}).update(vs)
         unused = [f"{prefix}.{k}" if rest else k for k in unused]
         for k in head_unused:  # foreign head buffers: dropped; our head namespace: strict
             if k.startswith(HEAD_NAME + ".") and head is not None:

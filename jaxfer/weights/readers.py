@@ -61,11 +61,12 @@ def find(path: str | Path) -> tuple[str, list[Path]]:
         if _is_orbax(path / sub):
             return "orbax", [path / sub]
     found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.npz"))
+    found = found or sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))  # a lone torch state dict
     if len(found) == 1:
         return find(found[0])
     listing = ", ".join(sorted(p.name for p in path.iterdir())) or "empty"
     raise CheckpointError(f"{path}: no weights found (looked for safetensors, flax_model.msgpack, "
-                          f"pytorch_model.bin, .npz, orbax); directory holds: {listing}")
+                          f"pytorch_model.bin, .npz, orbax, a single .pth); directory holds: {listing}")
 
 
 def _format_of_file(path: Path) -> str:
@@ -135,7 +136,13 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_torch(path: Path) -> dict[str, np.ndarray]:
-    import torch  # only when a PyTorch checkpoint is actually present
+    """A PyTorch state dict (``.bin``/``.pt``/``.pth``), unpickled safely: ``torch.load(...,
+    weights_only=True)`` rebuilds tensors and containers only, never arbitrary objects."""
+    try:
+        import torch  # only when a PyTorch checkpoint is actually present
+    except ImportError:
+        raise CheckpointError(f"{path}: a PyTorch checkpoint; reading it safely needs torch "
+                              "(pip install 'jaxfer[torch]'), or convert it to safetensors") from None
 
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -57,7 +57,8 @@ def read_config(directory: str | os.PathLike) -> Any:
         directory = directory.parent
     path = directory / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{directory}: no config.json; pass config= to load()")
+        raise FileNotFoundError(f"{directory}: no config.json; name the architecture with config=, e.g. "
+                                "load(path, config={'model_type': 'efficientnet_lite', 'variant': 'lite0'})")
     try:
         raw = json.loads(path.read_text())
     except ValueError as e:
