@@ -40,22 +40,22 @@ def spec_dir(workdir: str) -> str:
 
 
 def save_spec(workdir: str, cfg, model, label_names: Sequence[str] | None,
-              problem_type: str = "single_label") -> str | None:
+              task: str = "classification") -> str | None:
     """``workdir/inference/``: ``inference.json`` and, for text, the tokenizer (process 0 writes)."""
     if jax.process_index() != 0:
         return None
-    spec = Spec.from_config(cfg, label_names, problem_type)
+    spec = Spec.from_config(cfg, label_names, task)
     tokenizer = model.tokenizer() if spec.kind == "text" else None
     return spec.save(spec_dir(workdir), tokenizer)
 
 
-def load_spec(cfg, workdir: str, model, problem_type: str) -> tuple[Spec, Any]:
+def load_spec(cfg, workdir: str, model, task: str) -> tuple[Spec, Any]:
     """The workdir's saved spec and tokenizer, else the recipe's and the model source's."""
     folder = spec_dir(workdir)
     if os.path.exists(os.path.join(folder, SPEC_FILE)):
         spec = Spec.load(folder)
         return spec, (load_tokenizer(folder) if spec.kind == "text" else None)
-    spec = Spec.from_config(cfg, problem_type=problem_type)
+    spec = Spec.from_config(cfg, task=task)
     return spec, (model.tokenizer() if spec.kind == "text" else None)
 
 
@@ -66,7 +66,7 @@ def restore(cfg, workdir: str) -> Trained:
     run = experiment.restore_trained(cfg, workdir, with_data=False)
     state = jax.device_get(run.state) if jax.process_count() == 1 else run.state
     variables = {"params": state.params, **state.model_state}
-    spec, tokenizer = load_spec(cfg, workdir, run.model, experiment.head_for(cfg).problem_type)
+    spec, tokenizer = load_spec(cfg, workdir, run.model, experiment.head_for(cfg).task)
     return Trained(run.model, variables, spec, tokenizer)
 
 
@@ -93,9 +93,9 @@ def export(trained: Trained, out: str, format: str = "stablehlo", *,
         path = out if out.endswith(".onnx") else out + ".onnx"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return export_lib.onnx(path, apply_fn, trained.variables, example,
-                               problem_type=trained.spec.problem_type)
+                               task=trained.spec.task)
     folder = export_lib.stablehlo(out, apply_fn, trained.variables, example,
-                                  problem_type=trained.spec.problem_type,
+                                  task=trained.spec.task,
                                   label_names=trained.spec.label_names,
                                   preprocessing=trained.spec.preprocessing, platforms=platforms)
     if trained.tokenizer is not None:

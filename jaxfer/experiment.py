@@ -33,10 +33,8 @@ from jaxfer.weights.load import Model, load as load_weights
 # ------------------------------------------------------------------- model
 def head_for(cfg) -> heads.Classifier:
     m = cfg.model
-    problem = {"classification": "single_label", "multi_label": "multi_label",
-               "regression": "regression"}[cfg.task]
     return heads.Classifier(num_classes=m.num_classes, pooling=m.get("pooling") or None,
-                            dropout_rate=m.get("head_dropout", None), problem_type=problem)
+                            dropout_rate=m.get("head_dropout", None), task=cfg.task)
 
 
 def build_model(cfg, *, place=None) -> Model:
@@ -172,7 +170,7 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     data = build_data(cfg, model) if with_data else None
     state = TrainState.create(model.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
                               copy=False)  # the run keeps no other use for the loaded arrays
-    loss_fn = losses.for_problem_type(head_for(cfg).problem_type)
+    loss_fn = losses.for_task(cfg.task)
     apply_fn = step_lib.model_apply(model)
     state = strategy.place_state(state)
     train_step = strategy.train_step(apply_fn, loss_fn, tx, trainable,
@@ -217,7 +215,7 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     _log(str(explain(cfg, run.model, depth=4)))  # per layer; `jaxfer inspect` shows every leaf
     _log(f"data: {run.data.sizes}")
     if workdir:  # what predict/serve/export need besides the checkpoint: tokenizer, label names
-        deploy.save_spec(workdir, cfg, run.model, run.data.label_names, head_for(cfg).problem_type)
+        deploy.save_spec(workdir, cfg, run.model, run.data.label_names, head_for(cfg).task)
     state, history = loop.fit(
         run.state, run.train_step, run.data.train, steps=cfg.train.steps,
         eval_step=run.eval_step, eval_batches=run.data.validation,

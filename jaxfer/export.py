@@ -11,7 +11,7 @@ jax and numpy, no jaxfer and no model code. The function exported is
 
 with ``outputs, _ = apply_fn(variables, inputs, train=False)`` (the step's
 ``apply_fn`` contract), ``logits = outputs["logits"]`` and ``probs`` its
-softmax (``single_label``), sigmoid (``multi_label``) or nothing
+softmax (``classification``), sigmoid (``multi_label``) or nothing
 (``regression``). Every input's first dimension is one symbolic ``batch``; the
 other dimensions are those of the example ``inputs`` given. The function is
 lowered for each of ``platforms`` (default: this process's backend; lowering
@@ -36,9 +36,8 @@ import numpy as np
 from jax import export as jax_export
 
 from jaxfer import exported as runtime
-from jaxfer import tree
+from jaxfer import tasks, tree
 
-PROBLEM_TYPES = ("single_label", "multi_label", "regression")
 RUNTIME_FILE = "exported.py"
 
 
@@ -53,18 +52,17 @@ def nested_variables(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree.unflatten(flat)
 
 
-def inference_fn(apply_fn, problem_type: str = "single_label"):
+def inference_fn(apply_fn, task: str = "classification"):
     """``f(flat_variables, inputs) -> {"logits", "probs"}`` (see the module docstring)."""
-    if problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"unknown problem_type {problem_type!r}; choose one of {PROBLEM_TYPES}")
+    tasks.check_kind(task)
 
     def f(flat, inputs):
         outputs, _ = apply_fn(nested_variables(flat), inputs, train=False)
         logits = outputs["logits"].astype(jnp.float32)
         out = {"logits": logits}
-        if problem_type == "single_label":
+        if task == "classification":
             out["probs"] = jax.nn.softmax(logits, axis=-1)
-        elif problem_type == "multi_label":
+        elif task == "multi_label":
             out["probs"] = jax.nn.sigmoid(logits)
         return out
 
@@ -82,7 +80,7 @@ def _spec(inputs: Mapping[str, Any], batch) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def stablehlo(directory: str | os.PathLike, apply_fn, variables: Mapping[str, Any],
-              inputs: Mapping[str, Any], *, problem_type: str = "single_label",
+              inputs: Mapping[str, Any], *, task: str = "classification",
               label_names: Sequence[str] | None = None, preprocessing: Mapping[str, Any] | None = None,
               platforms: Sequence[str] | None = None, files: Sequence[str | os.PathLike] = ()) -> str:
     """Export ``apply_fn`` with ``variables`` to ``directory`` (created; must be empty or new).
@@ -109,7 +107,7 @@ def stablehlo(directory: str | os.PathLike, apply_fn, variables: Mapping[str, An
     (batch,) = jax_export.symbolic_shape("batch")
     in_spec = _spec(inputs, batch)
     var_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()}
-    fn = jax.jit(inference_fn(apply_fn, problem_type))
+    fn = jax.jit(inference_fn(apply_fn, task))
     exp = jax_export.export(fn, platforms=platforms)(var_spec, in_spec)
     out_shapes = jax.eval_shape(fn, var_spec, in_spec)
     if label_names is not None and len(label_names) != out_shapes["logits"].shape[-1]:
@@ -126,7 +124,7 @@ def stablehlo(directory: str | os.PathLike, apply_fn, variables: Mapping[str, An
                     for k, s in out_shapes.items()},
         "variables": {k: v.dtype.name for k, v in flat.items()},
         "label_names": [str(n) for n in label_names] if label_names is not None else None,
-        "problem_type": problem_type,
+        "task": task,
         "platforms": list(platforms),
         "preprocessing": dict(preprocessing or {}),
         "jax_version": jax.__version__,
@@ -140,7 +138,7 @@ def stablehlo(directory: str | os.PathLike, apply_fn, variables: Mapping[str, An
 
 
 def onnx(path: str | os.PathLike, apply_fn, variables: Mapping[str, Any], inputs: Mapping[str, Any], *,
-         problem_type: str = "single_label", opset: int = 17) -> str:
+         task: str = "classification", opset: int = 17) -> str:
     """Convert the inference function to an ONNX file with ``jax2onnx`` (batch dim symbolic).
 
     The variables become constants of the graph; inputs keep their names, outputs are
@@ -151,9 +149,9 @@ def onnx(path: str | os.PathLike, apply_fn, variables: Mapping[str, Any], inputs
     except ImportError as e:
         raise ImportError("ONNX export needs jax2onnx: pip install 'jaxfer[onnx]'") from e
     flat = {k: jnp.asarray(v) for k, v in flat_variables(variables).items()}
-    f = inference_fn(apply_fn, problem_type)
+    f = inference_fn(apply_fn, task)
     names = list(inputs)
-    outputs = ["logits"] + (["probs"] if problem_type != "regression" else [])
+    outputs = ["logits"] + (["probs"] if task != "regression" else [])
 
     def g(*xs):
         out = f(flat, dict(zip(names, xs)))

@@ -20,7 +20,7 @@ The folder:
   (dtypes numpy lacks, e.g. bfloat16, stored as raw bits);
 * ``signature.json`` -- ``inputs`` (``{name: {"shape": [null, 48], "dtype":
   "int32"}}``, ``null`` the batch), ``outputs``, ``variables`` (``{path: dtype}``),
-  ``label_names``, ``problem_type``, ``platforms`` and ``preprocessing`` (how raw
+  ``label_names``, ``task``, ``platforms`` and ``preprocessing`` (how raw
   texts or images become the inputs; the tokenizer files sit beside it).
 """
 

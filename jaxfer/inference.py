@@ -13,7 +13,7 @@ mean; a training run writes it (with the tokenizer) into ``workdir/inference/``
 so that prediction needs nothing but the workdir::
 
     {"preprocessing": {"kind": "text", "max_length": 48, "text": "text"},
-     "label_names": ["negative", "neutral", "positive"], "problem_type": "single_label"}
+     "label_names": ["negative", "neutral", "positive"], "task": "classification"}
     {"preprocessing": {"kind": "image", "image_size": 224, "image_options": {"mean": [...], ...}}, ...}
 
 Text is tokenised to ``max_length`` (padded, truncated); an image (a path, file
@@ -47,7 +47,7 @@ class Spec:
 
     preprocessing: Mapping[str, Any]
     label_names: tuple[str, ...] | None = None
-    problem_type: str = "single_label"
+    task: str = "classification"
 
     def __post_init__(self):
         kind = self.preprocessing.get("kind")
@@ -61,17 +61,17 @@ class Spec:
     def to_json(self) -> dict[str, Any]:
         return {"preprocessing": _jsonable(self.preprocessing),
                 "label_names": list(self.label_names) if self.label_names else None,
-                "problem_type": self.problem_type}
+                "task": self.task}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Spec":
         names = d.get("label_names")
         return cls(dict(d["preprocessing"]), tuple(names) if names else None,
-                   d.get("problem_type", "single_label"))
+                   d.get("task", "classification"))
 
     @classmethod
     def from_config(cls, cfg, label_names: Sequence[str] | None = None,
-                    problem_type: str = "single_label") -> "Spec":
+                    task: str = "classification") -> "Spec":
         """From a recipe's ``data`` section: ``image_size`` makes it an image recipe,
         else a text one (``max_length``, ``text``)."""
         d = cfg.data
@@ -81,7 +81,7 @@ class Spec:
         else:
             pre = {"kind": "text", "max_length": int(d.max_length), "text": d.get("text", "text")}
         names = label_names or (tuple(d.label_names) if d.get("label_names") else None)
-        return cls(pre, tuple(map(str, names)) if names else None, problem_type)
+        return cls(pre, tuple(map(str, names)) if names else None, task)
 
     def save(self, directory: str | os.PathLike, tokenizer: Any = None) -> str:
         """``directory/inference.json`` (+ the tokenizer's files beside it, for text)."""
@@ -141,7 +141,7 @@ class Predictor:
 
     Attributes:
       fn: model inputs ``{name: (B, ...) array}`` -> outputs ``{"logits", "probs"}`` (numpy).
-      spec: preprocessing, label names, problem type.
+      spec: preprocessing, label names, task kind.
       tokenizer: for text (``None`` for images).
       batch_sizes: the padded batch sizes (see the module docstring).
     """
@@ -232,7 +232,7 @@ class Predictor:
         rows = []
         for p in probs:
             row: dict[str, Any] = {"probs": {n: float(q) for n, q in zip(names, p)}}
-            if self.spec.problem_type == "multi_label":
+            if self.spec.task == "multi_label":
                 row["labels"] = [n for n, q in zip(names, p) if q >= 0.5]
             else:
                 row["label"] = names[int(np.argmax(p))]
@@ -249,7 +249,7 @@ class Predictor:
         from jaxfer import export
         from jaxfer.train.step import model_apply
 
-        fn = jax.jit(export.inference_fn(model_apply(model), spec.problem_type))
+        fn = jax.jit(export.inference_fn(model_apply(model), spec.task))
         flat = jax.device_put(export.flat_variables(variables))
         return cls(lambda inputs: fn(flat, inputs), spec, tokenizer, tuple(batch_sizes))
 
@@ -261,7 +261,7 @@ class Predictor:
 
         model = exported.load(directory)
         sig = model.signature
-        spec = Spec(sig["preprocessing"], model.label_names, sig.get("problem_type", "single_label"))
+        spec = Spec(sig["preprocessing"], model.label_names, sig.get("task", "classification"))
         tok = load_tokenizer(directory) if spec.kind == "text" else None
         names = model.input_names
         return cls(lambda inputs: model(**{k: inputs[k] for k in names}), spec, tok, tuple(batch_sizes))

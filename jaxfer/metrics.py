@@ -16,6 +16,9 @@ Conventions:
   predictions (as scikit-learn does by default), so a class absent from a small
   evaluation set does not pull the average down.
 * multi-label predictions are ``logits > 0`` (probability above 0.5).
+* regression and multi-label rows whose target holds a NaN have no label and
+  are left out (as classification rows with a negative label).
+* ``task`` is a kind from :data:`jaxfer.tasks.KINDS`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("classification", "multi_label", "regression")
+from jaxfer import tasks
 
 
 # ------------------------------------------------------------ classification
@@ -233,8 +236,11 @@ def compute(task: str, logits, labels, label_names: Sequence[str] | None = None)
       rows with a negative label are dropped.
     * ``"multi_label"``: logits and 0/1 labels ``[N, C]``.
     * ``"regression"``: predictions and targets of matching size.
+
+    Multi-label and regression rows with a NaN target are dropped.
     """
     logits, labels = np.asarray(logits), np.asarray(labels)
+    tasks.check_kind(task)
     if task == "classification":
         if labels.ndim == logits.ndim:
             labels = labels.argmax(-1)
@@ -243,11 +249,12 @@ def compute(task: str, logits, labels, label_names: Sequence[str] | None = None)
         keep = labels >= 0
         return classification_report(labels[keep], scores[keep], label_names,
                                      num_classes=scores.shape[-1])
+    labels = labels.astype(np.float64)
+    keep = ~np.isnan(labels.reshape(len(labels), -1)).any(1)
     if task == "multi_label":
-        return multi_label_report(labels, logits, label_names)
-    if task == "regression":
-        return regression_report(labels, logits)
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        return multi_label_report(labels[keep], logits[keep], label_names)
+    return regression_report(labels.reshape(len(labels), -1)[keep],
+                             logits.reshape(len(logits), -1)[keep])
 
 
 # ----------------------------------------------------------------- rendering

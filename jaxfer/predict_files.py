@@ -80,9 +80,9 @@ def read_inputs(inputs: Sequence[str], predictor: Predictor) -> tuple[str, list[
 
 def header(predictor: Predictor, first: str, num_outputs: int) -> list[str]:
     names = predictor.names(num_outputs)
-    if predictor.spec.problem_type == "regression":
+    if predictor.spec.task == "regression":
         return [first] + [f"value:{n}" for n in names]
-    label = "labels" if predictor.spec.problem_type == "multi_label" else "label"
+    label = "labels" if predictor.spec.task == "multi_label" else "label"
     return [first, label] + [f"prob:{n}" for n in names]
 
 

@@ -1,4 +1,4 @@
-"""Losses against optax / numpy references: smoothing, ignore index, soft labels, problem types."""
+"""Losses against optax / numpy references: smoothing, ignore index, soft labels, task kinds."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,6 @@ import numpy as np
 import optax
 import pytest
 
-from jaxfer.models import heads
 from jaxfer.train import losses
 
 RNG = np.random.default_rng(0)
@@ -72,7 +71,7 @@ def test_bad_label_shape_is_an_error():
         losses.softmax_cross_entropy(label_smoothing=1.0)
 
 
-def test_sigmoid_and_mse_match_references_and_heads_loss():
+def test_sigmoid_and_mse_match_references():
     logits = RNG.normal(size=(6, 3)).astype(np.float32)
     targets = RNG.integers(0, 2, size=(6, 3))
     l, w = losses.sigmoid_binary_cross_entropy()({"logits": logits}, {"label": targets})
@@ -80,25 +79,36 @@ def test_sigmoid_and_mse_match_references_and_heads_loss():
     ref = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean(-1)
     np.testing.assert_allclose(l, ref, rtol=1e-5)
     assert w.shape == (6,)
-    np.testing.assert_allclose(l.mean(), heads.loss("multi_label", logits, targets), rtol=1e-6)
 
     preds = RNG.normal(size=(6, 1)).astype(np.float32)
     y = RNG.normal(size=6).astype(np.float32)  # [B] labels for a 1-output head
     l, w = losses.mean_squared_error()({"logits": preds}, {"label": y})
     np.testing.assert_allclose(l, (preds[:, 0] - y) ** 2, rtol=1e-6)
-    np.testing.assert_allclose(l.mean(), heads.loss("regression", preds, y), rtol=1e-6)
 
 
-def test_for_problem_type_and_custom_keys():
+def test_for_task_and_custom_keys():
     logits = RNG.normal(size=(4, 3)).astype(np.float32)
     labels = np.array([0, 1, 2, 1])
-    fn = losses.for_problem_type("single_label", label_smoothing=0.1, logits_key="out", label_key="y")
+    fn = losses.for_task("classification", label_smoothing=0.1, logits_key="out", label_key="y")
     l, _ = fn({"out": logits}, {"y": labels})
     ref, _ = losses.softmax_cross_entropy(0.1)({"logits": logits}, {"label": labels})
     np.testing.assert_allclose(l, ref)
-    l, _ = losses.for_problem_type("single_label")({"logits": logits}, {"label": labels})
-    np.testing.assert_allclose(l.mean(), heads.loss("single_label", logits, labels), rtol=1e-6)
-    multi, _ = losses.for_problem_type("multi_label")({"logits": logits}, {"label": np.ones((4, 3))})
+    l, _ = losses.for_task("classification")({"logits": logits}, {"label": labels})
+    np.testing.assert_allclose(l, optax.softmax_cross_entropy_with_integer_labels(logits, labels), rtol=1e-6)
+    multi, _ = losses.for_task("multi_label")({"logits": logits}, {"label": np.ones((4, 3))})
     assert multi.shape == (4,)
-    with pytest.raises(ValueError, match="problem_type"):
-        losses.for_problem_type("ranking")
+    with pytest.raises(ValueError, match="unknown task 'ranking'.*classification"):
+        losses.for_task("ranking")
+
+
+def test_missing_float_targets_get_weight_zero_and_finite_loss():
+    preds = RNG.normal(size=(4, 1)).astype(np.float32)
+    y = np.array([0.5, np.nan, 1.0, np.nan], np.float32)
+    l, w = losses.for_task("regression")({"logits": preds}, {"label": y})
+    np.testing.assert_array_equal(w, [1, 0, 1, 0])
+    assert np.isfinite(np.asarray(l)).all()
+    np.testing.assert_allclose(np.asarray(l)[[0, 2]], (preds[[0, 2], 0] - y[[0, 2]]) ** 2, rtol=1e-6)
+    targets = np.array([[1, 0], [np.nan, np.nan], [0, 1], [1, 1]], np.float32)
+    l, w = losses.for_task("multi_label")({"logits": preds.repeat(2, 1)}, {"label": targets})
+    np.testing.assert_array_equal(w, [1, 0, 1, 1])
+    assert np.isfinite(np.asarray(l)).all()

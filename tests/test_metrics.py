@@ -87,6 +87,9 @@ def test_regression():
     assert report["rmse"] == pytest.approx(0.75)
     assert report["r2"] == pytest.approx(1 - 2.25 / 5)
     assert metrics.mse(targets, targets) == 0.0
+    # rows without a target (NaN) are left out
+    missing = metrics.compute("regression", np.r_[preds, [[9.0]]], np.r_[targets, np.nan])
+    assert missing["num_examples"] == 4 and missing["mse"] == pytest.approx(0.5625)
 
 
 def test_compute_classification_soft_labels_and_token_padding():

@@ -8,13 +8,20 @@ A head reads that dict::
     Classifier(num_classes=3)                         # pooling from the family
     Classifier(num_classes=5, pooling="mean")         # masked mean over tokens
     TokenClassifier(num_classes=9)                    # per-token logits
-    regressor(1), multi_label(4)                      # same Dense, other losses
+    regressor(1), multi_label(4)                      # same Dense, other task kind
+    MultiHead({"sentiment": Classifier(3), "confidence": regressor(1)})
+
+``task`` is a kind from :data:`jaxfer.tasks.KINDS`; it changes which loss and
+metrics go with the head (``losses.for_task``, ``metrics.compute``), not its outputs.
 
 ``TaskModel(backbone, head, prefix="bert")`` lays params out like HF task models,
 ``{"bert": backbone params, "classifier": head params}``, so checkpoints with
 keys ``bert.*`` and ``classifier.*`` load with their head. The head owns
 ``kernel``/``bias`` directly (``classifier/kernel``), or under ``dense_name``
 (``classifier/1/kernel`` for HF ResNet's ``Sequential(Flatten, Linear)``).
+A head returns its logits, or a dict of outputs that ``TaskModel`` merges into
+the backbone's (``MultiHead``: ``{"logits": {task: logits}}``; the heads of
+:mod:`jaxfer.transfer.adapt` add ``features`` and ``domain_logits``).
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
+
+from jaxfer import tasks
 
 POOLINGS = ("cls", "mean", "pooler", "tokens")
-PROBLEM_TYPES = ("single_label", "multi_label", "regression")
 
 
 def pool(outputs: Mapping[str, jax.Array], pooling: str, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -67,8 +74,8 @@ class Classifier(nn.Module):
         built through :func:`jaxfer.weights.load` (``"cls"`` otherwise).
       dropout_rate: before the Dense, like HF; ``None`` takes the checkpoint
         config's ``classifier_dropout``/``hidden_dropout_prob`` through ``load``.
-      problem_type: ``"single_label"``, ``"multi_label"`` or ``"regression"``;
-        it changes only :func:`loss`, not the logits.
+      task: a kind from :data:`jaxfer.tasks.KINDS` (``"classification"``,
+        ``"multi_label"``, ``"regression"``); it does not change the logits.
       dense_name: nest the Dense under this name (``"1"`` for HF ResNet).
       init_std: std of the normal kernel init (HF ``initializer_range``); bias 0.
     """
@@ -76,13 +83,20 @@ class Classifier(nn.Module):
     num_classes: int
     pooling: str | None = None
     dropout_rate: float | None = None
-    problem_type: str = "single_label"
+    task: str = "classification"
     dense_name: str | None = None
     init_std: float = 0.02
 
+    def __post_init__(self):
+        tasks.check_kind(self.task)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, outputs: Mapping[str, jax.Array], attention_mask=None, *, train: bool = False):
-        x = pool(outputs, self.pooling or "cls", attention_mask)
+        return self.project(pool(outputs, self.pooling or "cls", attention_mask), train=train)
+
+    def project(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Dropout and the Dense on pooled features ``x`` (called inside ``__call__``)."""
         x = nn.Dropout(self.dropout_rate or 0.0)(x, deterministic=not train)
         init = nn.initializers.normal(self.init_std)
         if self.dense_name is not None:
@@ -99,32 +113,42 @@ class TokenClassifier(Classifier):
 
 
 def regressor(num_outputs: int = 1, **kw) -> Classifier:
-    return Classifier(num_outputs, problem_type="regression", **kw)
+    return Classifier(num_outputs, task="regression", **kw)
 
 
 def multi_label(num_labels: int, **kw) -> Classifier:
-    return Classifier(num_labels, problem_type="multi_label", **kw)
+    return Classifier(num_labels, task="multi_label", **kw)
 
 
-def loss(problem_type: str, logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean loss for a head's ``problem_type`` (``mask`` weights examples or tokens).
+class MultiHead(nn.Module):
+    """Several heads on one backbone: ``heads[name]`` under ``classifier/<name>``.
 
-    single_label: softmax cross-entropy with integer labels; multi_label: sigmoid
-    binary cross-entropy with 0/1 labels; regression: mean squared error.
+    Returns ``{"logits": {name: logits}}``; with ``uncertainty=True`` also
+    ``{"log_var": {name: s}}``, one learned scalar per head (``classifier/log_var/<name>``,
+    initialised to 0) for uncertainty-weighted losses (see
+    :func:`jaxfer.transfer.multitask.loss_fn`). A head's ``pooling=None`` /
+    ``dropout_rate=None`` take this module's values (which ``load`` fills in
+    from the family and checkpoint config like a single head's).
     """
-    if problem_type == "single_label":
-        per = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    elif problem_type == "multi_label":
-        per = optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(labels, logits.dtype)).mean(-1)
-    elif problem_type == "regression":
-        labels = jnp.asarray(labels, logits.dtype).reshape(logits.shape)
-        per = ((logits - labels) ** 2).mean(-1)
-    else:
-        raise ValueError(f"unknown problem_type {problem_type!r}; choose one of {PROBLEM_TYPES}")
-    if mask is None:
-        return per.mean()
-    mask = jnp.asarray(mask, per.dtype)
-    return (per * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+    heads: Mapping[str, nn.Module]
+    pooling: str | None = None
+    dropout_rate: float | None = None
+    uncertainty: bool = False
+
+    @nn.compact
+    def __call__(self, outputs: Mapping[str, jax.Array], attention_mask=None, *, train: bool = False):
+        logits = {}
+        for name, head in self.heads.items():
+            changes = {k: getattr(self, k) for k in ("pooling", "dropout_rate")
+                       if getattr(head, k, "") is None}
+            head = head.clone(parent=self, name=name, **changes)
+            logits[name] = head(outputs, attention_mask, **train_kwarg(head, train))
+        result = {"logits": logits}
+        if self.uncertainty:
+            result["log_var"] = self.param(
+                "log_var", lambda _: {name: jnp.zeros((), jnp.float32) for name in self.heads})
+        return result
 
 
 def train_kwarg(module: nn.Module, train: bool) -> dict[str, bool]:
@@ -141,8 +165,9 @@ class TaskModel(nn.Module):
     """``backbone`` under ``prefix`` and ``head`` under ``head_name``.
 
     ``__call__(*args, train=False, **inputs)`` passes everything to the backbone
-    and returns its output dict plus ``logits``; the head sees
-    ``inputs["attention_mask"]`` when given by keyword (for ``"mean"`` pooling).
+    and returns its output dict plus ``logits`` (or plus the head's own dict of
+    outputs); the head sees ``inputs["attention_mask"]`` when given by keyword
+    (for ``"mean"`` pooling).
     """
 
     backbone: nn.Module
@@ -155,5 +180,9 @@ class TaskModel(nn.Module):
         backbone = self.backbone.clone(parent=self, name=self.prefix)
         head = self.head.clone(parent=self, name=self.head_name)
         outputs = dict(backbone(*args, **inputs, **train_kwarg(self.backbone, train)))
-        outputs["logits"] = head(outputs, inputs.get("attention_mask"), **train_kwarg(self.head, train))
+        out = head(outputs, inputs.get("attention_mask"), **train_kwarg(self.head, train))
+        if isinstance(out, Mapping):
+            outputs.update(out)
+        else:
+            outputs["logits"] = out
         return outputs

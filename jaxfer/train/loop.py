@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from jaxfer import metrics as metrics_lib
+from jaxfer import tree
 from jaxfer.errors import NonFiniteError
 from jaxfer.train.checkpoint import Checkpointer, initial_state, to_jsonable
 
@@ -52,6 +53,7 @@ Batch = dict[str, Any]
 TrainStep = Callable[[Any, Batch], tuple[Any, dict]]
 EvalStep = Callable[[Any, Batch], dict]
 Hook = Callable[[int, Any, list[dict]], None]
+MetricsFn = Callable[[dict[str, np.ndarray]], dict[str, Any]]
 
 
 def current_step(state) -> int:
@@ -69,7 +71,10 @@ def _is_main() -> bool:
 
 # ------------------------------------------------------------ eval / predict
 def _to_host(outputs: dict) -> dict[str, np.ndarray]:
-    """Per-example outputs of one batch as numpy, every process's rows included."""
+    """Per-example outputs of one batch as numpy, every process's rows included;
+    nested dicts (a multitask model's ``{"logits": {task: ...}}``) flattened to
+    ``"logits/<task>"`` keys."""
+    outputs = tree.flatten(outputs)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -82,7 +87,8 @@ def predict(state, eval_step: EvalStep, batches: Iterable[Batch], *,
     """Every per-example output of ``eval_step`` over ``batches``, padding rows dropped.
 
     Returns ``{key: array}`` concatenated along the batch axis (``logits``,
-    ``label``, ``loss``, ... whatever ``eval_step`` returns, ``mask`` removed),
+    ``label``, ``loss``, ... whatever ``eval_step`` returns, ``mask`` removed;
+    nested outputs under ``"outer/inner"`` keys),
     one row per real example; with several processes every process gets all rows.
     Outputs of batch ``i`` are fetched while batch ``i + 1`` runs.
     """
@@ -107,9 +113,14 @@ def predict(state, eval_step: EvalStep, batches: Iterable[Batch], *,
 
 def evaluate(state, eval_step: EvalStep, batches: Iterable[Batch], *,
              task: str = "classification", label_names: Sequence[str] | None = None,
-             shard_batch: Callable[[Batch], Batch] | None = None) -> dict[str, Any]:
-    """Task metrics (:func:`jaxfer.metrics.compute`) plus ``loss`` over one pass of ``batches``.
+             shard_batch: Callable[[Batch], Batch] | None = None,
+             metrics_fn: MetricsFn | None = None) -> dict[str, Any]:
+    """Task metrics plus ``loss`` over one pass of ``batches``.
 
+    The metrics are ``metrics_fn(outputs)`` of the per-example outputs of
+    :func:`predict` (the evaluation hook: a multitask model's is
+    :func:`jaxfer.transfer.multitask.metrics_fn`), by default
+    ``jaxfer.metrics.compute(task, outputs["logits"], outputs["label"], label_names)``.
     ``loss`` is the mean of the per-example ``loss`` weighted by ``weight``
     (1 when absent) over real rows; every example counts exactly once, padding
     rows (``mask == 0``) and, across processes, duplicates never.
@@ -119,7 +130,10 @@ def evaluate(state, eval_step: EvalStep, batches: Iterable[Batch], *,
         raise ValueError("evaluate got no batches")
     loss = outputs["loss"].astype(np.float64)
     weight = outputs.get("weight", np.ones_like(loss)).astype(np.float64)
-    report = metrics_lib.compute(task, outputs["logits"], outputs["label"], label_names)
+    if metrics_fn is None:
+        report = metrics_lib.compute(task, outputs["logits"], outputs["label"], label_names)
+    else:
+        report = dict(metrics_fn(outputs))
     report["loss"] = float((loss * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
     report["num_examples"] = int(len(loss))
     return report
@@ -346,6 +360,7 @@ def fit(
     shard_batch: Callable[[Batch], Batch] | None = None,
     progress: bool = True,
     hooks: Sequence[Hook] = (),
+    metrics_fn: MetricsFn | None = None,
 ) -> tuple[Any, list[dict]]:
     """Train until ``state.step == steps``, resuming from ``checkpointer`` if it has a checkpoint.
 
@@ -360,7 +375,7 @@ def fit(
       steps: total optimizer steps, counting those of a resumed run.
       eval_step, eval_batches: per-example outputs and a re-iterable set of
         padded batches; evaluated every ``eval_every`` steps (0: only at the end).
-      task, label_names: for :func:`jaxfer.metrics.compute`.
+      task, label_names, metrics_fn: the evaluation's metrics (see :func:`evaluate`).
       workdir: where logs, plots and (by default) checkpoints go.
       checkpointer: default, when ``workdir`` and ``checkpoint_every`` are given,
         a ``Checkpointer(workdir)`` keeping the latest checkpoint and the best
@@ -455,7 +470,8 @@ def fit(
             if can_eval and ((eval_every and step % eval_every == 0) or step == steps):
                 stop_if_nonfinite(step)
                 eval_report = evaluate(state, eval_step, eval_batches, task=task,
-                                       label_names=label_names, shard_batch=shard_batch)
+                                       label_names=label_names, shard_batch=shard_batch,
+                                       metrics_fn=metrics_fn)
                 last_eval = step
                 record = {"step": step, "split": "eval", **eval_report}
                 log.write(record)
@@ -481,7 +497,7 @@ def fit(
             if can_eval and last_eval != step:
                 log.write({"step": step, "split": "eval", **evaluate(
                     state, eval_step, eval_batches, task=task, label_names=label_names,
-                    shard_batch=shard_batch)})
+                    shard_batch=shard_batch, metrics_fn=metrics_fn)})
             if checkpointer is not None:
                 checkpointer.save(step, state, config=config, data_state={
                     "iterator": train_iter.get_state() if hasattr(train_iter, "get_state") else None,

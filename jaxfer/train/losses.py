@@ -9,7 +9,10 @@ That keeps gradient accumulation, padded evaluation batches and data parallel
 runs exact: the total weight is only known once every part has been summed.
 
     loss_fn = softmax_cross_entropy(label_smoothing=0.1)
-    loss_fn = for_problem_type(head.problem_type)
+    loss_fn = for_task("regression")          # a kind from jaxfer.tasks.KINDS
+
+Rows whose label is missing get weight 0: an integer class id equal to
+``ignore_index`` (-100), or a float target that is NaN (regression, multi-label).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxfer import tasks
 
 LossFn = Callable[[Mapping[str, jax.Array], Mapping[str, Any]], tuple[jax.Array, jax.Array]]
 IGNORE_INDEX = -100  # the PyTorch / Hugging Face convention for "no label here"
@@ -65,18 +70,27 @@ def softmax_cross_entropy(label_smoothing: float = 0.0, ignore_index: int | None
     return loss_fn
 
 
+def _float_targets(labels, like: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Float targets shaped like ``like``, NaN replaced by 0, and the per-row weight
+    (0 where any target of the row is NaN: the row has no label)."""
+    targets = jnp.asarray(labels, like.dtype).reshape(like.shape)
+    missing = jnp.isnan(targets)
+    row_missing = missing.any(-1) if targets.ndim > 1 else missing
+    return jnp.where(missing, 0.0, targets), (~row_missing).astype(jnp.float32)
+
+
 def sigmoid_binary_cross_entropy(logits_key: str = "logits", label_key: str = "label") -> LossFn:
     """Multi-label: sigmoid cross-entropy per label with 0/1 (or soft) targets, mean over labels.
 
     ``losses`` has shape ``logits.shape[:-1]``: one value per example, the mean
-    over its ``num_labels`` binary problems (as ``heads.loss("multi_label", ...)``).
+    over its ``num_labels`` binary problems.
     """
 
     def loss_fn(outputs, batch):
         logits = outputs[logits_key]
-        labels = jnp.asarray(batch[label_key], logits.dtype).reshape(logits.shape)
+        labels, weights = _float_targets(batch[label_key], logits)
         losses = optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)
-        return losses, jnp.ones(losses.shape, jnp.float32)
+        return losses, weights.reshape(losses.shape)
 
     return loss_fn
 
@@ -89,25 +103,25 @@ def mean_squared_error(logits_key: str = "logits", label_key: str = "label") -> 
 
     def loss_fn(outputs, batch):
         preds = outputs[logits_key]
-        targets = jnp.asarray(batch[label_key], preds.dtype).reshape(preds.shape)
+        targets, weights = _float_targets(batch[label_key], preds)
         losses = ((preds - targets) ** 2).mean(-1)
-        return losses, jnp.ones(losses.shape, jnp.float32)
+        return losses, weights.reshape(losses.shape)
 
     return loss_fn
 
 
-_BY_PROBLEM_TYPE: dict[str, Callable[..., LossFn]] = {
-    "single_label": softmax_cross_entropy,
+_BY_TASK: dict[str, Callable[..., LossFn]] = {
+    "classification": softmax_cross_entropy,
     "multi_label": sigmoid_binary_cross_entropy,
     "regression": mean_squared_error,
 }
+assert tuple(_BY_TASK) == tasks.KINDS
 
 
-def for_problem_type(problem_type: str, **kwargs: Any) -> LossFn:
-    """The loss for a head's ``problem_type`` (``"single_label"``, ``"multi_label"``, ``"regression"``).
+def for_task(task: str, **kwargs: Any) -> LossFn:
+    """The loss for a task kind (``"classification"``, ``"multi_label"``, ``"regression"``).
 
-    ``kwargs`` go to the builder (``label_smoothing=0.1`` for single_label, ...).
+    ``kwargs`` go to the builder (``label_smoothing=0.1`` for classification,
+    ``logits_key``/``label_key`` for any).
     """
-    if problem_type not in _BY_PROBLEM_TYPE:
-        raise ValueError(f"unknown problem_type {problem_type!r}; choose one of {tuple(_BY_PROBLEM_TYPE)}")
-    return _BY_PROBLEM_TYPE[problem_type](**kwargs)
+    return _BY_TASK[tasks.check_kind(task)](**kwargs)

@@ -372,14 +372,14 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
 # ---------------------------------------------------------------- eval step
 def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, output_keys: Sequence[str] = ("logits",),
-                   label_key: str = "label", jit: bool = True, axis_name: str | None = None
+                   label_key: str | Sequence[str] = "label", jit: bool = True, axis_name: str | None = None
                    ) -> Callable[[TrainState, dict], dict]:
     """Build ``eval_step(state, batch) -> dict`` of per-example arrays.
 
     Returns ``loss`` (``[B]``: the sum over trailing dims of ``losses * weights``,
     so token losses add up per sequence), ``weight`` (``[B]``, the matching sum
-    of weights), each of ``output_keys``, the labels under ``label_key`` (when
-    the batch has them) and ``mask`` (``[B]``, ones when the batch has none).
+    of weights), each of ``output_keys``, the labels under ``label_key`` (one
+    key or several; those the batch has) and ``mask`` (``[B]``, ones when the batch has none).
     A dataset's loss is ``sum(loss) / sum(weight)`` over its rows; padding rows
     (mask 0) have weight 0 and are dropped by the caller on the host.
 
@@ -399,8 +399,9 @@ def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, output_keys: Sequence[
                   "mask": mask}
         for key in output_keys:
             result[key] = outputs[key]
-        if label_key in batch:
-            result[label_key] = batch[label_key]
+        for key in (label_key,) if isinstance(label_key, str) else label_key:
+            if key in batch:
+                result[key] = batch[key]
         return result
 
     if axis_name is not None or not jit:

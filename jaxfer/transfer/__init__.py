@@ -15,10 +15,16 @@
 * ``regularizers``: L2-SP (an optax transformation), BSS and distillation / LwF (loss terms).
 * ``select``: transferability scores (LogME, LEEP, NCE, H-score, TransRate) to
   choose a pretrained model before training it.
+* ``multitask``: several heads on one backbone: the combined loss (fixed or
+  uncertainty weights) and per-task metrics.
+* ``multitask``: several heads on one backbone: the combined loss (fixed or
+  uncertainty weights) and per-task metrics.
 * ``adapt``: domain adaptation terms (gradient reversal, DANN, CDAN(+E), CORAL,
   MK-MMD, MCC) and AdaBN.
 """
 
-from jaxfer.transfer import adapt, adapters, features, lora, prefix, presets, probe, regularizers, select
+from jaxfer.transfer import (adapt, adapters, features, lora, multitask, prefix, presets, probe,
+                             regularizers, select)
 
-__all__ = ["adapt", "adapters", "features", "lora", "prefix", "presets", "probe", "regularizers", "select"]
+__all__ = ["adapt", "adapters", "features", "lora", "multitask", "prefix", "presets", "probe",
+           "regularizers", "select"]
