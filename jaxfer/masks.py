@@ -41,8 +41,10 @@ from jaxfer import tree
 
 PyTree = Any
 MaskLike = Any  # Mask | str | re.Pattern | Sequence[str]
-# `encoder/layer/<i>/` (BERT, ViT), `encoder/stages/<i>/` (ResNet), `encoder/layers|blocks/<i>/`.
-DEFAULT_LAYER_PATTERN = r"(?:^|/)encoder/(?:layer|layers|stages|blocks)/(\d+)(?:/|$)"
+# `encoder/layer/<i>/` (BERT, ViT), `encoder/stages/<i>/` (ResNet), `encoder/layers|blocks/<i>/`,
+# `h/<i>/` (GPT-2), `transformer/layer/<i>/` (DistilBERT). Models with two stacks (T5) need
+# their family's pattern (`Family.layer_pattern_for(config)`, a `Stacks`).
+DEFAULT_LAYER_PATTERN = r"(?:^|/)(?:encoder/(?:layer|layers|stages|blocks)|h|transformer/layer)/(\d+)(?:/|$)"
 
 
 # ====================================================================== masks
@@ -233,25 +235,87 @@ def layers(start: int, stop: int | None = None, *, pattern: Any = None) -> Mask:
 
     ``pattern`` finds the layer index in a path: a regex (``re.search``, first
     group; the ``layer_pattern`` of a model family in ``jaxfer.models.registry``)
-    or a callable ``path -> int | None``. The default finds ``encoder/layer/<i>/``
-    (BERT, ViT), ``encoder/stages/<i>/`` (ResNet), ``encoder/layers/<i>/`` and
-    ``encoder/blocks/<i>/``.
+    or a callable ``path -> int | None`` such as :class:`Stacks` (T5's encoder and
+    decoder). The default finds ``encoder/layer/<i>/`` (BERT, ViT),
+    ``encoder/stages/<i>/`` (ResNet), ``encoder/layers/<i>/``, ``encoder/blocks/<i>/``,
+    ``h/<i>/`` (GPT-2) and ``transformer/layer/<i>/`` (DistilBERT).
     """
     if start < 0 or (stop is not None and stop <= start):
         raise ValueError(f"layers({start}, {stop}): need 0 <= start < stop")
     return Layers(start, stop, pattern)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stacks:
+    r"""A layer pattern for models with several layer stacks, numbered one after another.
+
+    ``stacks`` is ``((regex, size), ...)`` in computation order; a regex's first group
+    is the index within its stack. T5 with ``E`` encoder and ``D`` decoder layers::
+
+        Stacks(((r"(?:^|/)encoder/block/(\d+)/", E), (r"(?:^|/)decoder/block/(\d+)/", D)))
+
+    numbers encoder block ``i`` as layer ``i`` and decoder block ``j`` as ``E + j``,
+    so ``layers(E)`` is the decoder, layer-wise lr decay runs from the decoder's top
+    down through the encoder, and a cached prefix may end inside either stack. Works
+    wherever a pattern is taken (it is a callable ``path -> int | None``).
+    """
+
+    stacks: tuple[tuple[str, int], ...]
+
+    def _find(self, path: str) -> tuple[int, str] | None:
+        offset = 0
+        for regex, size in self.stacks:
+            m = re.search(regex, path)
+            if m is not None:
+                i = int(m.group(1))
+                if i >= size:
+                    raise ValueError(f"{path!r}: layer {i} of a stack of {size} ({regex!r})")
+                return offset + i, path[: m.end(1)]
+            offset += size
+        return None
+
+    def __call__(self, path: str) -> int | None:
+        found = self._find(path)
+        return None if found is None else found[0]
+
+    def module(self, path: str) -> str | None:
+        """The path of the layer module holding ``path`` (``t5/encoder/block/3``), or None."""
+        found = self._find(path)
+        return None if found is None else found[1]
+
+    def __str__(self):
+        return "Stacks(" + ", ".join(f"{r!r} x {n}" for r, n in self.stacks) + ")"
+
+
 def layer_index(path: str, pattern: Any = None) -> int | None:
     """The layer index of ``path`` under ``pattern`` (see :func:`layers`), or None."""
     if callable(pattern) and not isinstance(pattern, re.Pattern):
         return pattern(path)
+    m = _compiled(pattern).search(path)
+    return int(m.group(1)) if m else None
+
+
+def layer_module(path: str, pattern: Any = None) -> tuple[int, str] | None:
+    """``(layer index, path of the layer's module)`` for ``path``, or None outside the layers.
+
+    The module path is ``path`` up to the index (``bert/encoder/layer/3``): what
+    :mod:`jaxfer.transfer.prefix` cuts at. ``pattern`` is a regex or a :class:`Stacks`
+    (a bare callable gives an index but no module: an error).
+    """
+    if isinstance(pattern, Stacks):
+        return pattern._find(path)
+    if callable(pattern) and not isinstance(pattern, re.Pattern):
+        raise TypeError(f"layer pattern {pattern!r} gives no module paths; use a regex or masks.Stacks")
+    m = _compiled(pattern).search(path)
+    return (int(m.group(1)), path[: m.end(1)]) if m else None
+
+
+def _compiled(pattern: Any) -> re.Pattern:
     if pattern is None:
         pattern = DEFAULT_LAYER_PATTERN
     if isinstance(pattern, str):
         pattern = re.compile(pattern.removeprefix(tree.REGEX_PREFIX))
-    m = pattern.search(path)
-    return int(m.group(1)) if m else None
+    return pattern
 
 
 def _segments(path: str) -> list[str]:

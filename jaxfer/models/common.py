@@ -13,8 +13,14 @@ and one ``registry.register`` line. Everything below is reused, never copied:
   ``q``/``k``/``v`` submodule names are the caller's, so BERT's
   ``attention/self/{query,key,value}`` and ViT's ``attention/attention/{query,key,value}``
   are the same code;
+* :func:`attend` -- the attention core every family calls (``softmax(q k^T * scale + bias) v``
+  on split heads); :func:`padding_bias` and :func:`causal_bias` build its additive bias;
+* key/value caches for generation: :func:`empty_cache`, and :func:`cache_write` puts
+  new keys/values into a fixed-size layer cache ``{"key", "value"}`` at a traced index;
 * :class:`LayerStack` -- the ``layer/<i>`` scope: layer ``i`` is ``make(i, name=str(i))``,
-  every state is returned (embeddings output first);
+  every state is returned (embeddings output first); with ``caches``, layer ``i``
+  also reads and returns its own cache;
+* :class:`RMSNorm` -- T5's layer norm (scale only, no mean subtracted, param ``weight``);
 * CNNs (torch semantics): :func:`torch_conv` (symmetric ``k // 2`` padding, not
   ``"SAME"``), :func:`torch_batch_norm` (``eps=1e-5``, flax ``momentum=0.9`` = torch's 0.1),
   :func:`torch_max_pool` (``-inf`` padding), :func:`torch_avg_pool` (``count_include_pad``),
@@ -99,16 +105,81 @@ def padding_bias(attention_mask: jax.Array, dtype: Any) -> jax.Array:
     return jnp.where(jnp.asarray(attention_mask)[:, None, None, :] > 0, 0.0, neg).astype(dtype)
 
 
+def causal_bias(key_mask: jax.Array, query_slots: jax.Array, dtype: Any) -> jax.Array:
+    """Causal additive bias ``(B, 1, T, S)``: query ``t`` sees key slot ``s`` iff
+    ``s <= query_slots[t]`` and ``key_mask[b, s]`` (1 keep, 0 pad).
+
+    ``query_slots`` ``(T,)`` are the queries' own slots among the ``S`` keys (``arange(T)``
+    without a cache; ``index + arange(T)`` when writing into a cache at ``index``).
+    """
+    key_mask = jnp.asarray(key_mask)
+    s = key_mask.shape[-1]
+    allowed = (jnp.arange(s)[None, :] <= jnp.asarray(query_slots)[:, None])[None] & (key_mask[:, None, :] > 0)
+    return jnp.where(allowed[:, None], 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None, *,
+           scale: float | None = None, dropout_rate: float = 0.0, deterministic: bool = True) -> jax.Array:
+    """Attention on split heads: ``q (B, T, n, d)``, ``k, v (B, S, n, d)`` -> ``(B, T, n, d)``.
+
+    ``softmax(q k^T * scale + bias) v`` per head, ``scale`` ``1 / sqrt(d)`` by default
+    (T5 uses 1.0); ``bias`` broadcasts to the scores ``(B, n, T, S)`` (padding,
+    causal and relative-position biases, summed by the caller). The softmax runs
+    in float32; dropout (``dropout_rate``, unless ``deterministic``) acts on the
+    probabilities. Call it inside a Linen module's ``__call__`` (the dropout is a
+    submodule of the caller). Every family's attention goes through here.
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    if scale is None:
+        scores = scores / np.sqrt(q.shape[-1]).astype(np.float32)
+    elif scale != 1.0:
+        scores = scores * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    probs = nn.Dropout(dropout_rate)(probs, deterministic=deterministic)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """``(B, T, n * d)`` -> ``(B, T, n, d)``."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """``(B, T, n, d)`` -> ``(B, T, n * d)``."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def empty_cache(batch_size: int, length: int, num_heads: int, head_dim: int, dtype: Any = jnp.float32) -> dict:
+    """One attention layer's key/value cache: ``{"key", "value"}``, zeros ``(B, length, n, d)``."""
+    shape = (batch_size, length, num_heads, head_dim)
+    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+def cache_write(cache: Mapping[str, jax.Array], k: jax.Array, v: jax.Array, index: jax.Array) -> dict:
+    """Write ``k, v (B, T, n, d)`` into a layer cache at slots ``index .. index + T - 1``.
+
+    Shapes never change (the cache is allocated for the whole generation), so a
+    jitted decoding step compiles once; ``index`` may be traced. Returns the new
+    cache; attention then runs over all its slots, with a bias hiding the slots
+    not written yet (:func:`causal_bias`).
+    """
+    start = (0, index, 0, 0)
+    return {"key": jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start),
+            "value": jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)}
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention ``softmax(q k^T / sqrt(d) + bias) v``, heads concatenated.
 
     ``q, k, v = Dense_{names}(x)`` with ``D = x.shape[-1]`` features each (``context``,
     when given, feeds ``k`` and ``v``: cross-attention), split into ``num_heads``
-    heads of ``d = D / num_heads``. ``bias`` (or ``None``) is added to the scores
-    ``(B, heads, T, S)`` and broadcasts (:func:`padding_bias` for padding masks).
-    The softmax runs in float32; dropout (``dropout_rate``) acts on the
-    probabilities when not ``deterministic``. No output projection: families
-    name and place that themselves. Returns ``(B, T, D)``.
+    heads of ``d = D / num_heads`` and mixed by :func:`attend`. ``bias`` (or ``None``)
+    is added to the scores ``(B, heads, T, S)`` and broadcasts (:func:`padding_bias`
+    for padding masks). Dropout (``dropout_rate``) acts on the probabilities when
+    not ``deterministic``. No output projection: families name and place that
+    themselves. Returns ``(B, T, D)``.
     """
 
     num_heads: int
@@ -119,18 +190,11 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias=None, deterministic: bool = True, context=None):
-        b, t, h = x.shape
-        n = self.num_heads
+        h = x.shape[-1]
         kv = x if context is None else context
-        split = lambda y: y.reshape(*y.shape[:2], n, h // n)
-        q, k, v = (split(dense(h, self.std, name, self.use_bias)(inp))
+        q, k, v = (split_heads(dense(h, self.std, name, self.use_bias)(inp), self.num_heads)
                    for name, inp in zip(self.names, (x, kv, kv)))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(h // n).astype(np.float32)
-        if bias is not None:
-            scores = scores + bias
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, h)
+        return merge_heads(attend(q, k, v, bias, dropout_rate=self.dropout_rate, deterministic=deterministic))
 
 
 class LayerStack(nn.Module):
@@ -140,17 +204,43 @@ class LayerStack(nn.Module):
     params live at ``<this scope>/<i>/...``); each layer takes the previous state
     and the extra ``*args, **kwargs`` given to the stack. Returns
     ``[x, layer_0(x), layer_1(...), ...]``.
+
+    With ``caches`` (one per layer: key/value caches for generation), layer ``i``
+    is called with ``cache=caches[i]`` and returns ``(state, new_cache)``; the
+    stack then returns ``(states, new_caches)``.
     """
 
     make: Callable[..., nn.Module]
     num_layers: int
 
     @nn.compact
-    def __call__(self, x, *args, **kwargs):
+    def __call__(self, x, *args, caches=None, **kwargs):
         states = [x]
+        if caches is None:
+            for i in range(self.num_layers):
+                states.append(self.make(i, name=str(i))(states[-1], *args, **kwargs))
+            return states
+        if len(caches) != self.num_layers:
+            raise ValueError(f"{len(caches)} caches for {self.num_layers} layers")
+        new_caches = []
         for i in range(self.num_layers):
-            states.append(self.make(i, name=str(i))(states[-1], *args, **kwargs))
-        return states
+            y, cache = self.make(i, name=str(i))(states[-1], *args, cache=caches[i], **kwargs)
+            states.append(y)
+            new_caches.append(cache)
+        return states, tuple(new_caches)
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: ``weight * x / sqrt(mean(x^2) + eps)`` (no mean subtracted, no
+    bias; the variance in float32), its scale named ``weight`` as in HF's Flax T5."""
+
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        variance = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+        return weight.astype(x.dtype) * (x * jax.lax.rsqrt(variance + self.epsilon)).astype(x.dtype)
 
 
 # --------------------------------------------------------- CNNs, torch semantics

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from jaxfer import tasks
 
-POOLINGS = ("cls", "mean", "pooler", "tokens")
+POOLINGS = ("cls", "mean", "pooler", "tokens", "last")
 
 
 def pool(outputs: Mapping[str, jax.Array], pooling: str, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -45,7 +45,9 @@ def pool(outputs: Mapping[str, jax.Array], pooling: str, attention_mask: jax.Arr
     ``"cls"``: ``last_hidden_state[:, 0]``; ``"mean"``: mean of ``last_hidden_state``
     over tokens weighted by ``attention_mask`` (all tokens when ``None``);
     ``"pooler"``: ``pooler_output`` flattened to ``(B, -1)``; ``"tokens"``:
-    ``last_hidden_state`` unchanged (token classification).
+    ``last_hidden_state`` unchanged (token classification); ``"last"``: the last
+    token whose ``attention_mask`` is 1 (decoder-only models such as GPT-2, whose
+    last token has seen the whole text; padding on either side).
     """
     if pooling == "pooler":
         if "pooler_output" not in outputs:
@@ -57,6 +59,12 @@ def pool(outputs: Mapping[str, jax.Array], pooling: str, attention_mask: jax.Arr
         return h[:, 0]
     if pooling == "tokens":
         return h
+    if pooling == "last":
+        if attention_mask is None:
+            return h[:, -1]
+        m = jnp.asarray(attention_mask) > 0
+        last = jnp.max(jnp.where(m, jnp.arange(h.shape[1]), 0), axis=1)
+        return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     if pooling == "mean":
         if attention_mask is None:
             return h.mean(axis=1)

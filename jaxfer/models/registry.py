@@ -35,13 +35,15 @@ class Family:
         unexpected). Returned paths have no prefix either.
       dummy_inputs: ``config -> dict`` of example inputs for ``init``.
       layer_pattern: regex whose first group is the layer index in a param path,
-        used by layer-range masks and layer-wise lr decay.
-      num_layers: ``config -> int``.
+        used by layer-range masks, layer-wise lr decay and cached prefixes. For
+        a family with several stacks (T5), the first stack's (see ``layer_stacks``).
+      num_layers: ``config -> int`` (all stacks together).
       base_model_prefix: the HF prefix of the backbone in task checkpoints and
         in our task-model params (``"bert"``, ``"vit"``, ``"resnet"``).
       default_pooling: how a classification head pools the backbone output by
         default, matching HF's ``*ForSequence/ImageClassification``: ``"pooler"``
-        (``pooler_output``), ``"cls"`` (``last_hidden_state[:, 0]``) or ``"mean"``.
+        (``pooler_output``), ``"cls"`` (``last_hidden_state[:, 0]``), ``"mean"``
+        or ``"last"`` (the last real token, decoder-only models).
       head_map: key rules for the checkpoint's own classification head when its
         keys are not ``classifier.*`` beside the backbone prefix (EfficientNet's
         ``_fc``, torchvision's ``fc``): applied to the keys ``convert`` left unused,
@@ -54,6 +56,8 @@ class Family:
         (``size``, ``resize``, ``mean``, ``std``, ``resample``; the arguments of
         :func:`jaxfer.data.image.image_transform`), used when the checkpoint has no
         ``preprocessor_config.json``.
+      layer_stacks: ``config -> ((regex, size), ...)`` for families with several
+        layer stacks (T5: encoder then decoder); ``None`` for one stack.
     """
 
     model_type: str
@@ -67,6 +71,16 @@ class Family:
     head_map: tuple = ()
     feature_layers: Callable[[Any], tuple[str, ...]] | None = None
     preprocessing: Callable[[Any], dict] | None = None
+    layer_stacks: Callable[[Any], tuple[tuple[str, int], ...]] | None = None
+
+    def layer_pattern_for(self, config: Any) -> Any:
+        """The layer pattern to use for a model of this ``config``: ``layer_pattern``, or
+        a :class:`jaxfer.masks.Stacks` numbering every stack's layers one after another."""
+        if self.layer_stacks is None:
+            return self.layer_pattern
+        from jaxfer.masks import Stacks
+
+        return Stacks(tuple(self.layer_stacks(config)))
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -95,7 +109,7 @@ def _import_builtin_families() -> None:
     # Imported lazily so that `import jaxfer` stays cheap; each module registers itself.
     import importlib
 
-    for name in ("bert", "vit", "resnet", "efficientnet"):
+    for name in ("bert", "vit", "resnet", "efficientnet", "gpt2", "t5", "distilbert"):
         try:
             importlib.import_module(f"jaxfer.models.{name}")
         except ModuleNotFoundError as e:  # a family not written yet

@@ -30,14 +30,13 @@ plan says why not.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from jaxfer import tree
+from jaxfer import masks, tree
 from jaxfer.train.step import frozen_inference_scope, linen_apply, module_status
 from jaxfer.transfer import features as features_lib
 
@@ -71,14 +70,13 @@ class Plan:
                 f"training runs from {self.module!r} up")
 
 
-def _layer_modules(paths: Sequence[str], layer_pattern: str | re.Pattern) -> dict[int, str]:
+def _layer_modules(paths: Sequence[str], layer_pattern: Any) -> dict[int, str]:
     """``{i: module path of layer i}`` from the param paths (the path up to the index)."""
-    pattern = re.compile(layer_pattern) if isinstance(layer_pattern, str) else layer_pattern
     modules: dict[int, str] = {}
     for path in paths:
-        m = pattern.search(path)
-        if m is not None:
-            modules.setdefault(int(m.group(1)), path[: m.end(1)])
+        found = masks.layer_module(path, layer_pattern)
+        if found is not None:
+            modules.setdefault(*found)
     return modules
 
 
@@ -118,7 +116,7 @@ def boundary_fn(module: nn.Module, path: str, *, train: bool = False, status: Ma
 
 
 def plan(module: nn.Module, variables: Mapping[str, Any], trainable: Any, batch: Mapping[str, Any], *,
-         layer_pattern: str, augmented: str | None = None, frozen_dropout: bool = True,
+         layer_pattern: Any, augmented: str | None = None, frozen_dropout: bool = True,
          input_keys: Sequence[str] | None = None) -> Plan:
     """Whether, and where, the frozen prefix of ``module`` can be cached exactly.
 
@@ -127,8 +125,9 @@ def plan(module: nn.Module, variables: Mapping[str, Any], trainable: Any, batch:
       variables: ``{"params": ..., **model_state}``.
       trainable: the bool mask over the params.
       batch: an example training batch (its shapes; values unused).
-      layer_pattern: regex whose first group is the layer index in a param path
-        (the model family's ``layer_pattern``).
+      layer_pattern: regex whose first group is the layer index in a param path,
+        or a :class:`jaxfer.masks.Stacks` (the model family's
+        ``layer_pattern_for(config)``: T5's encoder then decoder blocks).
       augmented: when the training inputs are randomly augmented, a few words
         saying how (then nothing is cached).
       frozen_dropout: whether the train step runs frozen modules without dropout.
@@ -145,7 +144,7 @@ def plan(module: nn.Module, variables: Mapping[str, Any], trainable: Any, batch:
     if not modules:
         return Plan(None, reason=f"no parameter path matches the layer pattern {layer_pattern!r}")
     num_layers = max(modules) + 1
-    layer_of = {p: int(m.group(1)) for p in flat_mask if (m := re.search(layer_pattern, p))}
+    layer_of = {p: i for p in flat_mask if (i := masks.layer_index(p, layer_pattern)) is not None}
     trained_layers = sorted({layer_of[p] for p, t in flat_mask.items() if t and p in layer_of})
     if not any(flat_mask.values()):
         return Plan(None, reason="nothing trains")
