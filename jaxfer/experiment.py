@@ -129,7 +129,8 @@ def _rules(cfg) -> list[tuple[str, Any]]:
 def build_optimizer(cfg, model: Model):
     num_layers = model.family.num_layers(model.config)
     return optim.from_config(cfg.optim, _rules(cfg), total_steps=cfg.train.steps,
-                             num_layers=num_layers, layer_pattern=model.family.layer_pattern_for(model.config))
+                             num_layers=num_layers,
+                             layer_pattern=model.family.layer_pattern_for(model.config))
 
 
 def explain(cfg, model: Model | None = None, depth: int | None = None) -> param_table.Table:
@@ -141,7 +142,8 @@ def explain(cfg, model: Model | None = None, depth: int | None = None) -> param_
                          if cfg.optim.get("weight_decay") else None,
                          layer_decay=decay,
                          num_layers=model.family.num_layers(model.config) if decay else None,
-                         layer_pattern=model.family.layer_pattern_for(model.config) if decay else None, depth=depth)
+                         layer_pattern=model.family.layer_pattern_for(model.config) if decay else None,
+                         depth=depth)
 
 
 @dataclasses.dataclass
