@@ -50,6 +50,7 @@ Model code never imports :mod:`jaxfer.weights` (weights import models, not back)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -119,15 +120,15 @@ def causal_bias(key_mask: jax.Array, query_slots: jax.Array, dtype: Any) -> jax.
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None, *,
-           scale: float | None = None, dropout_rate: float = 0.0, deterministic: bool = True) -> jax.Array:
+           scale: float | None = None, dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """Attention on split heads: ``q (B, T, n, d)``, ``k, v (B, S, n, d)`` -> ``(B, T, n, d)``.
 
     ``softmax(q k^T * scale + bias) v`` per head, ``scale`` ``1 / sqrt(d)`` by default
     (T5 uses 1.0); ``bias`` broadcasts to the scores ``(B, n, T, S)`` (padding,
     causal and relative-position biases, summed by the caller). The softmax runs
-    in float32; dropout (``dropout_rate``, unless ``deterministic``) acts on the
-    probabilities. Call it inside a Linen module's ``__call__`` (the dropout is a
-    submodule of the caller). Every family's attention goes through here.
+    in float32; ``dropout`` (the caller's ``nn.Dropout`` with its ``deterministic``
+    bound, or ``None``) acts on the probabilities. Every family's attention goes
+    through here.
     """
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
     if scale is None:
@@ -137,7 +138,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = No
     if bias is not None:
         scores = scores + bias
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    probs = nn.Dropout(dropout_rate)(probs, deterministic=deterministic)
+    if dropout is not None:
+        probs = dropout(probs)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
@@ -194,7 +196,8 @@ class SelfAttention(nn.Module):
         kv = x if context is None else context
         q, k, v = (split_heads(dense(h, self.std, name, self.use_bias)(inp), self.num_heads)
                    for name, inp in zip(self.names, (x, kv, kv)))
-        return merge_heads(attend(q, k, v, bias, dropout_rate=self.dropout_rate, deterministic=deterministic))
+        dropout = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
+        return merge_heads(attend(q, k, v, bias, dropout=dropout))
 
 
 class LayerStack(nn.Module):

@@ -26,6 +26,7 @@ up to each token's own (``attention_mask`` then covers all ``S`` slots).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,7 +75,8 @@ class Attention(nn.Module):
         scale = (h // n) ** -0.5 if c["scale_attn_weights"] else 1.0
         if c["scale_attn_by_inverse_layer_idx"]:
             scale /= float(self.layer + 1)
-        a = attend(q, k, v, bias, scale=scale, dropout_rate=c["attn_pdrop"], deterministic=deterministic)
+        a = attend(q, k, v, bias, scale=scale,
+                   dropout=functools.partial(nn.Dropout(c["attn_pdrop"]), deterministic=deterministic))
         out = dense(h, std / np.sqrt(2 * c["n_layer"]), "c_proj")(merge_heads(a))
         return nn.Dropout(c["resid_pdrop"])(out, deterministic=deterministic), cache
 
