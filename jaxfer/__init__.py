@@ -24,10 +24,11 @@ from jaxfer.train.state import TrainState
 from jaxfer.train.step import linen_apply, make_eval_step, make_train_step, model_apply
 from jaxfer.weights import surgery
 from jaxfer.weights.load import Model, load
+from jaxfer.weights.save import save
 
 __all__ = [
     "Checkpointer", "Model", "TrainState", "checkpoint", "config", "data", "evaluate", "explain",
     "export", "fit", "heads", "linen_apply", "load", "losses", "make_eval_step", "make_train_step",
-    "masks", "metrics", "model_apply", "optim", "parallel", "predict", "surgery", "tree",
+    "masks", "metrics", "model_apply", "optim", "parallel", "predict", "save", "surgery", "tree",
 ]
 __version__ = "0.1.0"

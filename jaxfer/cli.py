@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="(predict) a CSV/JSONL of texts, or image files / folders / a .txt list; repeatable")
     p.add_argument("--output", default=None,
                    help="(predict) the CSV to write; (export) the folder or .onnx file to write")
-    p.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx"), help="(export) what to write")
+    p.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx", "hf"),
+                   help="(export) a jax.export serving folder, an ONNX file, or a Hugging Face folder")
     p.add_argument("--export", default=None, help="(serve) a StableHLO export folder instead of a workdir")
     p.add_argument("--host", default="127.0.0.1", help="(serve) address to listen on")
     p.add_argument("--port", type=int, default=8000, help="(serve) port")
@@ -117,9 +118,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxfer import masks, tree
     from jaxfer.errors import JaxferError
     from jaxfer.weights import CheckpointError as WeightsError, LoadError
+    from jaxfer.weights.save import SaveError
 
     return (tree.NoMatchError, masks.ShadowedRuleError, masks.UnmatchedPathError, LoadError,
-            WeightsError, JaxferError, FileNotFoundError)
+            WeightsError, JaxferError, FileNotFoundError, SaveError)
 
 
 def _run(args, cfg) -> int:
@@ -158,7 +160,8 @@ def _run(args, cfg) -> int:
         from jaxfer import deploy
 
         _need_workdir(args)
-        out = args.output or os.path.join(args.workdir, "export" if args.format == "stablehlo" else "model.onnx")
+        out = args.output or os.path.join(args.workdir, {"stablehlo": "export", "onnx": "model.onnx",
+                                                         "hf": "hf"}[args.format])
         print(f"wrote {deploy.export(deploy.restore(cfg, args.workdir), out, args.format)}")
     elif args.command == "serve":
         from jaxfer import deploy

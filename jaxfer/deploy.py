@@ -2,7 +2,7 @@
 
     trained = deploy.restore(cfg, "runs/top2")       # best (or latest) checkpoint + inference spec
     deploy.predictor(trained)(["what a lovely day"])   # see jaxfer.inference.Predictor
-    deploy.export(trained, "runs/top2/export", "stablehlo")   # or "onnx"
+    deploy.export(trained, "runs/top2/export", "stablehlo")   # or "onnx", "hf"
 
 At train time :func:`save_spec` writes ``workdir/inference/``: the
 :class:`~jaxfer.inference.Spec` (preprocessing, label names, problem type) and
@@ -22,7 +22,7 @@ import jax
 
 from jaxfer.inference import DEFAULT_BATCH_SIZES, SPEC_DIR, SPEC_FILE, Predictor, Spec, load_tokenizer
 
-FORMATS = ("stablehlo", "onnx")
+FORMATS = ("stablehlo", "onnx", "hf")
 
 
 @dataclasses.dataclass
@@ -80,13 +80,19 @@ def export(trained: Trained, out: str, format: str = "stablehlo", *,
     """Write a serving export of ``trained`` (see :mod:`jaxfer.export`); returns its path.
 
     ``stablehlo``: the folder ``out`` (with the tokenizer, so ``jaxfer serve --export out``
-    needs nothing else); ``onnx``: the file ``out`` (``.onnx`` added if missing).
+    needs nothing else); ``onnx``: the file ``out`` (``.onnx`` added if missing); ``hf``:
+    the folder ``out`` in the Hugging Face layout (:func:`jaxfer.weights.save.save`).
     """
     from jaxfer import export as export_lib
     from jaxfer.train.step import model_apply
 
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
+    if format == "hf":
+        from jaxfer.weights.save import save
+
+        return save(trained.model, out, trained.variables, label_names=trained.spec.label_names,
+                    tokenizer=trained.tokenizer)
     example = Predictor(lambda x: x, trained.spec, trained.tokenizer).example_inputs(2)
     apply_fn = model_apply(trained.model)
     if format == "onnx":

@@ -79,3 +79,38 @@ def test_inverse_shapes_and_errors():
     np.testing.assert_array_equal(doubled.inverse(doubled.fn(np.arange(3.0))), np.arange(3.0))
     with pytest.raises(ValueError, match="unknown transform 'linaer'"):
         KeyRule("a", "b", "linaer")
+
+
+def test_invert_rule_turns_src_into_a_template_and_dst_into_a_regex():
+    from jaxfer.models.keymap import NotInvertible, invert_rule
+
+    rx, parts = invert_rule(KeyRule(r"(.*)\.LayerNorm\.(?:weight|gamma)", r"\1/LayerNorm/scale"))
+    m = rx.fullmatch("encoder/layer/3/output/LayerNorm/scale")
+    assert "".join(p if isinstance(p, str) else m.group(f"g{p}").replace("/", ".") for p in parts) == \
+        "encoder.layer.3.output.LayerNorm.weight"
+    assert invert_rule(KeyRule(r"(.*)\.position_ids", None)) is None
+    with pytest.raises(NotInvertible, match="not written"):
+        invert_rule(KeyRule(r"(a|b)\.(\d+)\.weight", r"x/\2/kernel"))
+    with pytest.raises(NotInvertible, match="outside a capturing group"):
+        invert_rule(KeyRule(r"layer\d\.weight", "layer/kernel"))
+
+
+def test_invert_key_map_is_the_exact_inverse_and_reports_what_it_cannot_take_back():
+    from jaxfer.models.keymap import invert_key_map
+
+    sd = {"emb.weight": np.arange(6.0).reshape(3, 2), "enc.layer.0.dense.weight": np.arange(6.0).reshape(2, 3),
+          "enc.layer.0.dense.bias": np.zeros(2), "enc.LayerNorm.weight": np.ones(2),
+          "stem.conv.weight": np.random.default_rng(0).normal(size=(8, 3, 5, 7)),
+          "stem.bn.weight": np.ones(8), "stem.bn.bias": np.zeros(8),
+          "stem.bn.running_mean": np.full(8, 2.0), "stem.bn.running_var": np.full(8, 3.0)}
+    ours, unused = apply_key_map(RULES, sd)
+    assert unused == []
+    back, unmatched = invert_key_map(RULES, {**ours, "extra": {"x": np.zeros(1)}})
+    assert unmatched == ["extra:x"]
+    assert back.keys() == sd.keys()  # gamma was read as weight: written back as weight
+    for k, v in sd.items():
+        np.testing.assert_array_equal(back[k], v)
+    # a rule order under which the inverse lands on another rule's key is caught
+    shadowing = [KeyRule(r"(.*)\.bias", r"\1/bias"), KeyRule(r"(.*)\.bn\.bias", r"\1/bn_bias")]
+    with pytest.raises(ValueError, match="does not invert"):
+        invert_key_map(shadowing, {"params": {"stem/bn_bias": np.zeros(2)}})

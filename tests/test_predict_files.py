@@ -44,7 +44,9 @@ def test_text_predict_on_a_csv_without_labels_matches_eval(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["--config", os.path.join(ROOT, "configs", "minilm_tweets.py:top2"), f"--config.model.source={bert}",
             f"--config.data.path={data}", "--config.data.batch_size=8", "--config.data.eval_batch_size=16",
-            "--config.data.max_eval_examples=0", "--config.optim.lr=3e-2", "--workdir", str(run)]
+            "--config.data.max_eval_examples=0", "--config.optim.lr=3e-2",
+            "--config.model.pooling=pooler",  # the head HF's BertForSequenceClassification has
+            "--workdir", str(run)]
     assert cli.main(["train", *args, *SHORT]) == 0
     # train time saved what prediction needs besides the checkpoint
     spec = json.load(open(run / "inference" / "inference.json"))
@@ -78,6 +80,18 @@ def test_text_predict_on_a_csv_without_labels_matches_eval(tmp_path, capsys):
     exported = Predictor.from_export(tmp_path / "export")
     assert exported.label_names == tuple(names)
     np.testing.assert_allclose(exported(list(test.columns["text"]))["probs"], probs, atol=2e-6)
+
+    # ... and saved in the Hugging Face layout: PyTorch gives the same probabilities
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    assert cli.main(["export", *args, "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert [ref.config.id2label[i] for i in range(3)] == list(names)
+    enc = tok(list(test.columns["text"]), padding="max_length", max_length=48, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = torch.softmax(ref(**enc).logits, -1).numpy()
+    np.testing.assert_allclose(theirs, probs, atol=1e-4)
 
 
 def _image_folder(root, n_per_class=12, seed=0):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfer.models import registry
+from jaxfer.models import heads, registry
 from jaxfer.models.common import LayerStack, SelfAttention, activation, config_dict, dense, padding_bias
 from jaxfer.models.keymap import KeyRule, apply_key_map
 
@@ -179,6 +179,13 @@ def build(config: Any) -> BertModel:
     return BertModel(config, add_pooling_layer=bool(config_dict(config).get("add_pooling_layer", True)))
 
 
+# the heads of HF's *ForSequenceClassification (dropout from the config's classifier_dropout)
+TASK_HEADS = {
+    "bert": {"BertForSequenceClassification": lambda n, config: heads.Classifier(n, pooling="pooler")},
+    "roberta": {"RobertaForSequenceClassification": lambda n, config: heads.TanhClassifier(n, pooling="cls")},
+}
+
+
 for _type, _prefix in (("bert", "bert"), ("roberta", "roberta")):
     registry.register(registry.Family(
         model_type=_type,
@@ -189,4 +196,6 @@ for _type, _prefix in (("bert", "bert"), ("roberta", "roberta")):
         num_layers=lambda config: int(config_dict(config)["num_hidden_layers"]),
         base_model_prefix=_prefix,
         default_pooling="pooler",
+        key_map=tuple(KEY_MAP),
+        task_heads=TASK_HEADS[_type],
     ))

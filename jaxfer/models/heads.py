@@ -7,6 +7,7 @@ A head reads that dict::
 
     Classifier(num_classes=3)                         # pooling from the family
     Classifier(num_classes=5, pooling="mean")         # masked mean over tokens
+    TanhClassifier(num_classes=3)                     # dense + tanh + out_proj (HF RoBERTa's head)
     TokenClassifier(num_classes=9)                    # per-token logits
     regressor(1), multi_label(4)                      # same Dense, other task kind
     MultiHead({"sentiment": Classifier(3), "confidence": regressor(1)})
@@ -112,6 +113,23 @@ class Classifier(nn.Module):
         kernel = self.param("kernel", init, (x.shape[-1], self.num_classes), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), jnp.float32)
         return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class TanhClassifier(Classifier):
+    """``dropout -> Dense(H) -> tanh -> dropout -> Dense(num_classes)`` on pooled features:
+    HF's ``RobertaClassificationHead`` (params ``dense/*`` and ``out_proj/*``); it pools
+    the first token by default."""
+
+    pooling: str | None = "cls"
+
+    @nn.compact
+    def __call__(self, outputs: Mapping[str, jax.Array], attention_mask=None, *, train: bool = False):
+        x = pool(outputs, self.pooling or "cls", attention_mask)
+        init = nn.initializers.normal(self.init_std)
+        x = nn.Dropout(self.dropout_rate or 0.0)(x, deterministic=not train)
+        x = jnp.tanh(nn.Dense(x.shape[-1], kernel_init=init, name="dense")(x))
+        x = nn.Dropout(self.dropout_rate or 0.0)(x, deterministic=not train)
+        return nn.Dense(self.num_classes, kernel_init=init, name="out_proj")(x)
 
 
 class TokenClassifier(Classifier):

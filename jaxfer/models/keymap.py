@@ -226,3 +226,169 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> tuple[dict[str, 
     inner = {k[len(dotted):]: v for k, v in state_dict.items() if k.startswith(dotted)}
     rest = {k: v for k, v in state_dict.items() if not k.startswith(dotted)}
     return inner, rest
+
+
+# ------------------------------------------------------------------- inverse
+# Each rule is inverted from its own text: ``src`` (a torch-key regex) becomes a
+# template and ``dst`` (our path template) a regex. E.g.
+#   KeyRule(r"(.*)\.LayerNorm\.(?:weight|gamma)", r"\1/LayerNorm/scale")
+#   inverse: our path r"(?P<g1>.*)/LayerNorm/scale"  ->  torch key "{g1}.LayerNorm.weight"
+# Outside capturing groups ``src`` may hold literals, escaped literals and
+# non-capturing alternations (the first alternative is written back); a group
+# value's ``/`` becomes ``.`` again. Rules outside that subset have no inverse.
+class NotInvertible(ValueError):
+    """A key rule whose ``src``/``dst`` cannot be turned around (see :func:`invert_rule`)."""
+
+
+def _closing(s: str, i: int) -> int:
+    """Index of the ``)`` matching the ``(`` at ``s[i]`` (escapes and classes skipped)."""
+    depth, j, in_class = 0, i, False
+    while j < len(s):
+        c = s[j]
+        if c == "\\":
+            j += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return j
+        j += 1
+    raise NotInvertible(f"unbalanced parentheses in {s!r}")
+
+
+def _alternatives(body: str) -> list[str]:
+    """Top-level ``|`` split of a group body."""
+    out, depth, start, j = [], 0, 0, 0
+    while j < len(body):
+        c = body[j]
+        if c == "\\":
+            j += 2
+            continue
+        depth += c == "("
+        depth -= c == ")"
+        if c == "|" and depth == 0:
+            out.append(body[start:j])
+            start = j + 1
+        j += 1
+    return out + [body[start:]]
+
+
+def _src_template(src: str) -> tuple[list[str | int], dict[int, str]]:
+    """``src`` regex -> (template parts: literal strings and group numbers, {group: body})."""
+    parts: list[str | int] = []
+    groups: dict[int, str] = {}
+    i = 0
+    while i < len(src):
+        c = src[i]
+        if c == "\\":
+            nxt = src[i + 1: i + 2]
+            if not nxt or nxt.isalnum():
+                raise NotInvertible(f"{src!r}: {c}{nxt} outside a capturing group")
+            parts.append(nxt)
+            i += 2
+        elif c == "(":
+            j = _closing(src, i)
+            body = src[i + 1: j]
+            if body.startswith("?:"):
+                sub, inner = _src_template(_alternatives(body[2:])[0])
+                if inner:
+                    raise NotInvertible(f"{src!r}: a capturing group inside (?:...)")
+                parts += sub
+            elif body.startswith("?"):
+                raise NotInvertible(f"{src!r}: group {body[:3]!r}")
+            else:
+                if "(" in body.replace("(?:", ""):
+                    raise NotInvertible(f"{src!r}: nested capturing groups")
+                n = len(groups) + 1
+                groups[n] = body
+                parts.append(n)
+            i = j + 1
+        elif c in ".*+?[]{}|^$":
+            raise NotInvertible(f"{src!r}: {c!r} outside a capturing group")
+        else:
+            parts.append(c)
+            i += 1
+    return parts, groups
+
+
+_DST_REF = re.compile(r"\\(\d+)|\\g<(\d+)>")
+
+
+def invert_rule(rule: KeyRuleLike) -> tuple[re.Pattern, list[str | int]] | None:
+    """``(regex over our paths, torch-key template parts)`` of a rule; ``None`` for a
+    dropping rule (``dst=None``). Raises :class:`NotInvertible` when it has no inverse."""
+    rule = as_key_rule(rule)
+    if rule.dst is None:
+        return None
+    parts, groups = _src_template(rule.src)
+    regex, seen, pos = [], set(), 0
+    for m in _DST_REF.finditer(rule.dst):
+        regex.append(re.escape(rule.dst[pos:m.start()].replace(".", "/")))
+        n = int(m.group(1) or m.group(2))
+        if n not in groups:
+            raise NotInvertible(f"{rule.dst!r} refers to group {n}, which {rule.src!r} does not capture")
+        body = groups[n].replace(r"\.", "/")
+        regex.append(f"(?P=g{n})" if n in seen else f"(?P<g{n}>{body})")
+        seen.add(n)
+        pos = m.end()
+    regex.append(re.escape(rule.dst[pos:].replace(".", "/")))
+    unused = set(groups) - seen
+    if unused:
+        raise NotInvertible(f"{rule.src!r}: group(s) {sorted(unused)} are not written to {rule.dst!r}")
+    return re.compile("".join(regex)), parts
+
+
+def invert_key_map(rules: Iterable[KeyRuleLike], variables: Mapping[str, Mapping[str, Any]]
+                   ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Our flat variables (``{collection: {path: array}}``) -> ``({torch key: array}, unmatched)``.
+
+    Each leaf goes through the first rule (in the key map's order) of its
+    collection whose inverse matches its path and rank, and that rule's inverse
+    transform. ``unmatched`` lists ``"collection:path"`` of leaves no rule takes
+    back. The result is checked: :func:`apply_key_map` of it gives ``variables``
+    back bit for bit, or this raises naming the first difference.
+    """
+    rules = [as_key_rule(r) for r in rules]
+    inverses = []
+    for r in rules:
+        try:
+            inverses.append(invert_rule(r))
+        except NotInvertible:
+            inverses.append(None)
+    out: dict[str, np.ndarray] = {}
+    unmatched: list[str] = []
+    for collection, leaves in variables.items():
+        for path, value in leaves.items():
+            arr = np.asarray(value)
+            for rule, inv in zip(rules, inverses):
+                if inv is None or rule.collection != collection or (rule.ndim is not None and arr.ndim != rule.ndim):
+                    continue
+                m = inv[0].fullmatch(path)
+                if m is None:
+                    continue
+                key = "".join(p if isinstance(p, str) else m.group(f"g{p}").replace("/", ".") for p in inv[1])
+                if key in out:
+                    raise ValueError(f"two leaves go back to the checkpoint key {key!r}")
+                out[key] = rule.inverse(arr)
+                break
+            else:
+                unmatched.append(f"{collection}:{path}")
+    back, unused = apply_key_map(rules, out)
+    taken = {c: {p: v for p, v in vs.items() if f"{c}:{p}" not in unmatched} for c, vs in variables.items()}
+    for c in set(back) | set(taken):
+        got, want = back.get(c, {}), taken.get(c, {})
+        if got.keys() != want.keys() or unused:
+            diff = sorted(set(got) ^ set(want))[:3]
+            raise ValueError(f"the key map does not invert: {c} paths {diff} (unused {unused[:3]}) "
+                             "differ after saving and converting back")
+        for p, v in want.items():
+            a, b = np.asarray(got[p]), np.asarray(v)
+            if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+                raise ValueError(f"the key map does not invert: {c}:{p} changes after saving and converting back")
+    return out, unmatched

@@ -58,6 +58,11 @@ class Family:
         ``preprocessor_config.json``.
       layer_stacks: ``config -> ((regex, size), ...)`` for families with several
         layer stacks (T5: encoder then decoder); ``None`` for one stack.
+      key_map: the family's ``KEY_MAP`` (the rules ``convert`` applies); saving
+        back to the checkpoint layout inverts it (:func:`keymap.invert_key_map`).
+      task_heads: HF task architecture (``"BertForSequenceClassification"``) ->
+        ``head(num_labels, config)``, the head module that architecture defines:
+        ``load(dir, head="checkpoint")`` builds it, ``save`` names it.
     """
 
     model_type: str
@@ -72,6 +77,8 @@ class Family:
     feature_layers: Callable[[Any], tuple[str, ...]] | None = None
     preprocessing: Callable[[Any], dict] | None = None
     layer_stacks: Callable[[Any], tuple[tuple[str, int], ...]] | None = None
+    key_map: tuple = ()
+    task_heads: Mapping[str, Callable[[int, Any], Any]] = dataclasses.field(default_factory=dict)
 
     def layer_pattern_for(self, config: Any) -> Any:
         """The layer pattern to use for a model of this ``config``: ``layer_pattern``, or

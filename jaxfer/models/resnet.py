@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfer.models import registry
+from jaxfer.models import heads, registry
 from jaxfer.models.common import LayerStack, activation, config_dict, to_nchw, to_nhwc, torch_batch_norm, \
     torch_conv, torch_max_pool
 from jaxfer.models.keymap import KeyRule, apply_key_map, batch_norm
@@ -206,4 +206,8 @@ registry.register(registry.Family(
     num_layers=lambda config: len(config_dict(config, DEFAULTS)["depths"]),
     base_model_prefix="resnet",
     default_pooling="pooler",
+    key_map=tuple(KEY_MAP),
+    # Sequential(Flatten, Linear): the Linear is classifier.1
+    task_heads={"ResNetForImageClassification":
+                lambda n, config: heads.Classifier(n, pooling="pooler", dense_name="1")},
 ))

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfer.models import registry
+from jaxfer.models import heads, registry
 from jaxfer.models.common import LayerStack, SelfAttention, activation, config_dict, dense, pair, to_nhwc
 from jaxfer.models.keymap import KeyRule, apply_key_map
 
@@ -233,4 +233,6 @@ registry.register(registry.Family(
     num_layers=lambda config: int(config_dict(config, DEFAULTS)["num_hidden_layers"]),
     base_model_prefix="vit",
     default_pooling="cls",
+    key_map=tuple(KEY_MAP),
+    task_heads={"ViTForImageClassification": lambda n, config: heads.Classifier(n, pooling="cls")},
 ))

@@ -62,6 +62,16 @@ class Model:
         return self.variables["params"]
 
     @property
+    def label_names(self) -> tuple[str, ...] | None:
+        """The head's class names from the config's ``id2label`` (``None`` without a head)."""
+        if not isinstance(self.module, TaskModel):
+            return None
+        id2label = _get(self.config, "id2label") or {}
+        n = getattr(self.module.head, "num_classes", len(id2label))
+        labels = {int(k): str(v) for k, v in id2label.items()}
+        return tuple(labels.get(i, f"LABEL_{i}") for i in range(n))
+
+    @property
     def state(self) -> dict[str, Any]:
         """Non-parameter collections (``batch_stats`` ...), possibly empty."""
         return {k: v for k, v in self.variables.items() if k != "params"}
@@ -151,7 +161,32 @@ def _split_ours(variables: Mapping[str, Mapping[str, np.ndarray]], prefix: str):
     return backbone, head
 
 
-def load(source: str | os.PathLike, head: nn.Module | None = None, *,
+CHECKPOINT_HEAD = "checkpoint"
+_PROBLEM_TYPES = {"single_label_classification": "single_label",
+                  "multi_label_classification": "multi_label", "regression": "regression"}
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
+def checkpoint_head(family: registry.Family, config: Any) -> nn.Module:
+    """The head of the HF task class named in ``config.architectures`` (``Family.task_heads``),
+    sized by ``num_labels``/``id2label``, its loss from ``problem_type``."""
+    archs = list(_get(config, "architectures") or [])
+    arch = next((a for a in archs if a in family.task_heads), None)
+    if arch is None:
+        raise ValueError(f"head='checkpoint': config.json names architectures {archs}, none with a head "
+                         f"jaxfer builds for {family.model_type!r} (known: {sorted(family.task_heads)}); "
+                         "pass a head module, e.g. heads.Classifier(num_classes=...)")
+    id2label = _get(config, "id2label") or {}
+    n = int(_get(config, "num_labels", None) or len(id2label) or 2)
+    head = family.task_heads[arch](n, config)
+    problem = _PROBLEM_TYPES.get(_get(config, "problem_type") or "", "single_label")
+    return head.clone(problem_type=problem) if hasattr(head, "problem_type") else head
+
+
+def load(source: str | os.PathLike, head: nn.Module | str | None = None, *,
          reinit: Sequence[tree.Pattern] = (), ignore: Sequence[tree.Pattern] = (),
          dtype: Any = None, rng: jax.Array | int = 0, config: Any = None,
          weights: str | os.PathLike | None = None, revision: str | None = None,
@@ -162,6 +197,9 @@ def load(source: str | os.PathLike, head: nn.Module | None = None, *,
       source: local directory (``config.json`` + weights) or Hugging Face Hub id.
       head: a head module (e.g. ``heads.Classifier(3)``) to attach under
         ``"classifier"``; the backbone then lives under the family's prefix.
+        ``"checkpoint"``: the head of the task class the checkpoint was saved
+        from (``BertForSequenceClassification`` ...; see :func:`checkpoint_head`),
+        its label names in ``model.label_names``.
       reinit: model paths to initialise afresh even if the checkpoint has them
         (or has them with another shape); each pattern must match something.
       ignore: checkpoint keys (converted path, or torch name with ``/``) to drop.
@@ -177,6 +215,10 @@ def load(source: str | os.PathLike, head: nn.Module | None = None, *,
     src = sources.resolve(source, revision=revision)
     config = sources.read_config(src) if config is None else config
     family = registry.get(sources.model_type(config))
+    if isinstance(head, str):
+        if head != CHECKPOINT_HEAD:
+            raise ValueError(f"head={head!r}: give a head module or {CHECKPOINT_HEAD!r}")
+        head = checkpoint_head(family, config)
     module = family.build(config)
     prefix = family.base_model_prefix
     if head is not None:
