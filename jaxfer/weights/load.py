@@ -162,8 +162,8 @@ def _split_ours(variables: Mapping[str, Mapping[str, np.ndarray]], prefix: str):
 
 
 CHECKPOINT_HEAD = "checkpoint"
-_PROBLEM_TYPES = {"single_label_classification": "single_label",
-                  "multi_label_classification": "multi_label", "regression": "regression"}
+_TASKS = {"single_label_classification": "classification",  # HF problem_type -> jaxfer.tasks kind
+          "multi_label_classification": "multi_label", "regression": "regression"}
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -182,8 +182,8 @@ def checkpoint_head(family: registry.Family, config: Any) -> nn.Module:
     id2label = _get(config, "id2label") or {}
     n = int(_get(config, "num_labels", None) or len(id2label) or 2)
     head = family.task_heads[arch](n, config)
-    problem = _PROBLEM_TYPES.get(_get(config, "problem_type") or "", "single_label")
-    return head.clone(problem_type=problem) if hasattr(head, "problem_type") else head
+    task = _TASKS.get(_get(config, "problem_type") or "", "classification")
+    return head.clone(task=task) if hasattr(head, "task") else head
 
 
 def load(source: str | os.PathLike, head: nn.Module | str | None = None, *,

@@ -37,7 +37,8 @@ from jaxfer.models.heads import TaskModel
 from jaxfer.models.keymap import generic_rules, invert_key_map
 
 WEIGHTS_FILE = "model.safetensors"
-PROBLEM_TYPES = {"single_label": "single_label_classification",
+# jaxfer.tasks kind -> HF config.problem_type
+PROBLEM_TYPES = {"classification": "single_label_classification",
                  "multi_label": "multi_label_classification", "regression": "regression"}
 _HEAD_FIELDS = ("pooling", "dense_name")
 
@@ -63,6 +64,9 @@ def _variables(model, params) -> dict[str, Any]:
 def task_architecture(model) -> str:
     """The HF task class whose head is ``model``'s head (``Family.task_heads``)."""
     head, family = model.module.head, model.family
+    if not hasattr(head, "num_classes"):
+        raise SaveError(f"a {type(head).__name__} head has no Hugging Face class; save the backbone "
+                        "(jaxfer.load without head=) or export for serving (jaxfer.export)")
     for arch, make in family.task_heads.items():
         theirs = make(head.num_classes, model.config)
         if type(theirs) is type(head) and all(getattr(theirs, f, None) == getattr(head, f, None)
@@ -120,7 +124,7 @@ def _config(model, arch: str, label_names, has_pooler: bool):
         if len(names) != n:
             raise SaveError(f"{len(names)} label names for a {n}-output head")
         updates.update(id2label=dict(enumerate(names)), label2id={x: i for i, x in enumerate(names)},
-                       problem_type=PROBLEM_TYPES[getattr(model.module.head, "problem_type", "single_label")])
+                       problem_type=PROBLEM_TYPES[getattr(model.module.head, "task", "classification")])
     if isinstance(config, Mapping):
         out = {**config, **updates}
         if "id2label" in updates:
