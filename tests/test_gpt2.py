@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import jaxfer.weights as jw  # noqa: E402
 from jaxfer import generation, masks, tree  # noqa: E402
 from jaxfer.models import gpt2, heads, registry  # noqa: E402
+from jaxfer import save  # noqa: E402
 from tests.parity import TOL, maxdiff, torch_out  # noqa: E402
 
 # a large init makes the tiny model's next-token choices varied (0.02 repeats one token)
@@ -50,6 +51,14 @@ def test_backbone_and_lm_logits_parity(lm):
     assert maxdiff(out["last_hidden_state"], ref.hidden_states[-1], mask) <= TOL
     assert model.report.format == "safetensors" and not model.report.initialized
     assert "h/1/attn/c_attn/kernel" in model.report.loaded  # (in, out): copied untransposed
+
+
+def test_save_back_to_transformers(lm, tmp_path):
+    model, ref_model = lm
+    save(model, tmp_path)  # the key map inverted: transformers reads it as its own
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids, _ = prompts()
+    assert maxdiff(torch_out(back, input_ids=ids).logits.numpy(), torch_out(ref_model, input_ids=ids).logits) == 0
 
 
 def test_sequence_classification_head_parity(tmp_path):

@@ -147,5 +147,6 @@ registry.register(registry.Family(
     layer_pattern=r"(?:^|/)transformer/layer/(\d+)/",
     num_layers=lambda config: int(config_dict(config, DEFAULTS)["n_layers"]),
     base_model_prefix="distilbert",
+    key_map=tuple(KEY_MAP),
     default_pooling="cls",
 ))

@@ -205,5 +205,6 @@ registry.register(registry.Family(
     layer_pattern=LAYER_PATTERN,
     num_layers=lambda config: int(config_dict(config, DEFAULTS)["n_layer"]),
     base_model_prefix="transformer",
+    key_map=tuple(KEY_MAP),
     default_pooling="last",
 ))

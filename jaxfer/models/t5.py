@@ -433,6 +433,7 @@ registry.register(registry.Family(
     layer_pattern=ENCODER_LAYERS,
     num_layers=lambda config: sum(n for _, n in layer_stacks(config)),
     base_model_prefix="transformer",
+    key_map=tuple(KEY_MAP),
     default_pooling="mean",
     layer_stacks=layer_stacks,
 ))
