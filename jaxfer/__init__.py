@@ -14,7 +14,7 @@
 See the README for the tour and ``jaxfer train --config ...`` for recipes.
 """
 
-from jaxfer import config, data, export, masks, metrics, optim, tree
+from jaxfer import config, data, deploy, export, masks, metrics, optim, tree
 from jaxfer.param_table import explain
 from jaxfer.models import heads
 from jaxfer.train import checkpoint, losses, parallel
@@ -27,7 +27,7 @@ from jaxfer.weights.load import Model, load
 from jaxfer.weights.save import save
 
 __all__ = [
-    "Checkpointer", "Model", "TrainState", "checkpoint", "config", "data", "evaluate", "explain",
+    "Checkpointer", "Model", "TrainState", "checkpoint", "config", "data", "deploy", "evaluate", "explain",
     "export", "fit", "heads", "linen_apply", "load", "losses", "make_eval_step", "make_train_step",
     "masks", "metrics", "model_apply", "optim", "parallel", "predict", "save", "surgery", "tree",
 ]
