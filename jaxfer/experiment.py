@@ -28,6 +28,7 @@ from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
 from jaxfer.train import loop, losses, parallel, step as step_lib
 from jaxfer.train.state import TrainState
+from jaxfer.transfer import peft as peft_lib
 from jaxfer.weights.load import Model, load as load_weights
 
 # ------------------------------------------------------------------- model
@@ -123,22 +124,30 @@ def trainable_mask(cfg, params) -> Any:
 
 
 def _rules(cfg) -> list[tuple[str, Any]]:
-    return [(p, v) for p, v in cfg.rules]
+    return peft_lib.rules(cfg, [(p, v) for p, v in cfg.rules])
 
 
-def build_optimizer(cfg, model: Model):
+def build_peft(cfg, model: Model) -> peft_lib.Peft:
+    """``transfer.lora/adapters/l2sp/bss/distill``: the params to train (base + LoRA factors,
+    adapters, a teacher copy) and what wraps the apply_fn, loss and optimizer."""
+    return peft_lib.from_config(cfg, model.params, pooling=head_for(cfg).pooling or model.family.default_pooling)
+
+
+def build_optimizer(cfg, model: Model, regularizer=None):
     num_layers = model.family.num_layers(model.config)
     return optim.from_config(cfg.optim, _rules(cfg), total_steps=cfg.train.steps,
                              num_layers=num_layers,
-                             layer_pattern=model.family.layer_pattern_for(model.config))
+                             layer_pattern=model.family.layer_pattern_for(model.config),
+                             regularizer=regularizer)
 
 
 def explain(cfg, model: Model | None = None, depth: int | None = None) -> param_table.Table:
     """The table ``jaxfer inspect`` prints: what trains, at which lr, and why."""
     model = model if model is not None else build_model(cfg)
+    params = build_peft(cfg, model).params
     decay = cfg.optim.get("layer_decay") or None
-    return param_table.explain(model.params, _rules(cfg),
-                         weight_decay_mask=masks.default_weight_decay_mask(model.params)
+    return param_table.explain(params, _rules(cfg),
+                         weight_decay_mask=masks.default_weight_decay_mask(params)
                          if cfg.optim.get("weight_decay") else None,
                          layer_decay=decay,
                          num_layers=model.family.num_layers(model.config) if decay else None,
@@ -159,6 +168,7 @@ class Run:
     shard_batch: Any
     trainable: Any
     strategy: Any
+    peft: peft_lib.Peft | None = None
 
 
 def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
@@ -167,21 +177,22 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     parallel.check_batch_size(cfg.data.eval_batch_size, mesh)
     strategy = parallel.Strategy.from_config(cfg.mesh, mesh)
     model = build_model(cfg, place=strategy.param_placer())
-    trainable = trainable_mask(cfg, model.params)  # bad rules fail here, before data loads
-    tx, schedule = build_optimizer(cfg, model)
+    peft = build_peft(cfg, model)  # bad transfer.* rules fail here, before data loads
+    trainable = trainable_mask(cfg, peft.params)  # bad rules fail here, before data loads
+    tx, schedule = build_optimizer(cfg, model, peft.regularizer)
     data = build_data(cfg, model) if with_data else None
-    state = TrainState.create(model.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
+    state = TrainState.create(peft.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
                               copy=False)  # the run keeps no other use for the loaded arrays
     loss_fn = losses.for_task(cfg.task)
-    apply_fn = step_lib.model_apply(model)
+    apply_fn = peft.apply_fn(step_lib.model_apply(model))
     state = strategy.place_state(state)
-    train_step = strategy.train_step(apply_fn, loss_fn, tx, trainable,
+    train_step = strategy.train_step(apply_fn, peft.train_loss(loss_fn), tx, trainable,
                                      micro_batches=cfg.optim.get("accumulate", 1) or 1,
                                      lr_schedule=schedule)
     eval_step = strategy.eval_step(apply_fn, loss_fn)
     ckpt = checkpointer(cfg, workdir, trainable, strategy) if workdir else None
     return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,
-               trainable, strategy)
+               trainable, strategy, peft)
 
 
 def checkpointer(cfg, workdir: str, trainable, strategy) -> checkpoint_lib.Checkpointer:
@@ -215,6 +226,8 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     run = setup(cfg, workdir)
     _log(str(run.model.report))
     _log(str(explain(cfg, run.model, depth=4)))  # per layer; `jaxfer inspect` shows every leaf
+    for line in run.peft.methods:
+        _log(f"transfer: {line}")
     _log(f"data: {run.data.sizes}")
     if workdir:  # what predict/serve/export need besides the checkpoint: tokenizer, label names
         deploy.save_spec(workdir, cfg, run.model, run.data.label_names, head_for(cfg).task)
@@ -256,7 +269,7 @@ def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[s
     (without a workdir: the freshly loaded model, head untrained)."""
     if workdir:
         run = restore_trained(cfg, workdir, with_data=False)
-        model, params = run.model, run.state.params
+        model, params = run.model, run.peft.inference_params(run.state.params)
     else:
         model = build_model(cfg)
         params = model.params

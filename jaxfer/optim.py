@@ -209,7 +209,8 @@ OPTIMIZERS: dict[str, Callable] = {"adam": _adam, "adamw": _adamw, "sgd": _sgd, 
 
 
 def from_config(cfg: Any, rules: masks.Rules = (("**", 1.0),), *, total_steps: int,
-                num_layers: int | None = None, layer_pattern: Any = None
+                num_layers: int | None = None, layer_pattern: Any = None,
+                regularizer: optax.GradientTransformation | None = None
                 ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
     """``(tx, schedule)`` from an optimizer config (a ConfigDict or a dict).
 
@@ -217,7 +218,9 @@ def from_config(cfg: Any, rules: masks.Rules = (("**", 1.0),), *, total_steps: i
     ``warmup_cosine``), ``warmup_steps`` (0), ``end_factor`` (0), ``weight_decay``
     (0; biases and norm params are exempt, :func:`masks.default_weight_decay_mask`),
     ``clip_norm`` (None/0 = off), ``layer_decay`` (None/0 = off), and per optimizer
-    ``b1``, ``b2``, ``eps``, ``momentum``, ``nesterov``.
+    ``b1``, ``b2``, ``eps``, ``momentum``, ``nesterov``. ``regularizer`` (e.g.
+    ``transfer.regularizers.l2_sp``) adds its gradient before the optimizer, on the
+    trainable leaves only.
     """
     name = _get(cfg, "name", "adamw")
     if name not in OPTIMIZERS:
@@ -228,6 +231,8 @@ def from_config(cfg: Any, rules: masks.Rules = (("**", 1.0),), *, total_steps: i
                      int(_get(cfg, "warmup_steps", 0)), end_factor=_get(cfg, "end_factor", 0.0))
     wd = float(_get(cfg, "weight_decay", 0.0))
     opt = OPTIMIZERS[name](sched, cfg, wd, masks.default_weight_decay_mask)
+    if regularizer is not None:
+        opt = optax.chain(regularizer, opt)
     tx = build(opt, rules, layer_decay=_get(cfg, "layer_decay", 0.0) or None, num_layers=num_layers,
                layer_pattern=layer_pattern, clip_norm=_get(cfg, "clip_norm", 0.0) or None)
     return tx, sched

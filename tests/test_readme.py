@@ -22,3 +22,26 @@ def test_readme_tour_runs(capsys):
     before = namespace["model"].params["bert"]["embeddings"]["word_embeddings"]["embedding"]
     after = namespace["state"].params["bert"]["embeddings"]["word_embeddings"]["embedding"]
     assert np.array_equal(np.asarray(before), np.asarray(after))
+
+
+def test_readme_peft_block_continues_the_tour(tmp_path, monkeypatch):
+    """The PEFT block runs after the tour: the merged LoRA model equals the wrapped one, the adapter
+    file is small and reloads, BitFit/L2-SP/BSS build."""
+    import numpy as np
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    tour = [b for b in blocks if "jf.load(" in b]
+    peft = [b for b in blocks if "lora.add(" in b]
+    assert len(tour) == 1 and len(peft) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(tour[0], "README.md", "exec"), namespace)
+    exec(compile(peft[0], "README.md", "exec"), namespace)
+    ns = namespace
+    batch = next(iter(ns["evals"]))
+    wrapped = ns["lora_apply"]({"params": ns["lora_state"].params}, batch, train=False)[0]["logits"]
+    plain = ns["apply_fn"]({"params": ns["merged"]}, batch, train=False)[0]["logits"]
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(wrapped), atol=1e-5)
+    assert os.path.getsize(tmp_path / "tweets_lora.safetensors") < 0.05 * 4 * 22_714_371
+    assert "lora" in ns["restored"] and "lora" not in ns["merged"]

@@ -17,7 +17,7 @@ from tests import stand_ins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
-    "minilm_tweets.py": ("full", "top2", "probe"),
+    "minilm_tweets.py": ("full", "top2", "probe", "lora", "bitfit", "l2sp"),
     "vit_cifar10.py": ("full", "probe", "pod"),
 }
 
@@ -58,7 +58,7 @@ def test_minilm_tweets(variant, text_stand_ins, tmp_path, capsys):
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any("loss" in r for r in records)
     assert os.path.exists(tmp_path / "run" / "curves.png")
-    if variant == "top2":  # the other commands on the same run
+    if variant in ("top2", "lora"):  # the other commands on the same run (lora: merged for predict)
         assert cli.main(["inspect", *args]) == 0
         table = capsys.readouterr().out
         assert "bert/encoder/layer/4" in table and "trainable" in table.lower()
@@ -110,3 +110,15 @@ def test_vit_cifar10_on_mock_tfds(variant, tmp_path, capsys):
         assert cli.main(["train", *args, *SHORT]) == 0
     result = json.load(open(tmp_path / "run" / "test_metrics.json"))
     assert result["test"]["num_examples"] == 16
+
+
+def test_transfer_mistakes_stop_before_training(text_stand_ins, tmp_path):
+    args = _text_args("lora", text_stand_ins, tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"(?s)LoRA rule 0 'bert/\*\*/querry/kernel' matches no parameter.*query"):
+        cli.main(["train", *args, "--config.transfer.lora.rules=(('bert/**/querry/kernel', 8, 16),)"])
+    with pytest.raises(SystemExit, match=r"transfer.lora.rules: .*'kernel' leaf|kernel with >= 2 axes"):
+        cli.main(["train", *args, "--config.transfer.lora.rules=(('bert/**/query/bias', 8, 16),)"])
+    args = _text_args("l2sp", text_stand_ins, tmp_path / "run")
+    with pytest.raises(SystemExit, match="transfer.l2sp replaces weight decay"):
+        cli.main(["train", *args, "--config.optim.weight_decay=0.01"])
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
