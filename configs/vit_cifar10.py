@@ -12,7 +12,8 @@ The kind of run people take to a TPU pod slice or a multi-GPU machine::
 Needs ``pip install 'jaxfer[tfds]'`` (tfds + TensorFlow to prepare cifar10 once)
 and network access for the weights and the dataset. Variants after the colon:
 ``full`` (default), ``probe`` (frozen backbone, new head), ``pod`` (full, FSDP
-over all devices, bigger batch).
+over all devices, bigger batch), ``scratch`` (``full`` from a random
+initialisation: what the pretrained weights are worth).
 """
 
 import ml_collections
@@ -21,8 +22,8 @@ HUB_ID = "google/vit-base-patch16-224-in21k"
 
 
 def get_config(arg: str = "full"):
-    if arg not in ("full", "probe", "pod"):
-        raise ValueError(f"unknown variant {arg!r}; choose full, probe or pod")
+    if arg not in ("full", "probe", "pod", "scratch"):
+        raise ValueError(f"unknown variant {arg!r}; choose full, probe, pod or scratch")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.task = "classification"
@@ -31,7 +32,7 @@ def get_config(arg: str = "full"):
     c.model.source = HUB_ID
     c.model.num_classes = 10
     c.model.pooling = "cls"
-    c.model.reinit = ()
+    c.model.reinit = ("**",) if arg == "scratch" else ()  # scratch: no pretrained weight is kept
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "tfds"

@@ -66,7 +66,7 @@ def restore(cfg, workdir: str) -> Trained:
     run = experiment.restore_trained(cfg, workdir, with_data=False)
     state = jax.device_get(run.state) if jax.process_count() == 1 else run.state
     variables = {"params": run.peft.inference_params(state.params), **state.model_state}
-    spec, tokenizer = load_spec(cfg, workdir, run.model, experiment.head_for(cfg).task)
+    spec, tokenizer = load_spec(cfg, workdir, run.model, cfg.task)
     return Trained(run.model, variables, spec, tokenizer)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfer import deploy, masks, metrics, optim, param_table
+from jaxfer import baselines, deploy, masks, metrics, objective, optim, param_table
 from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
@@ -32,10 +32,9 @@ from jaxfer.transfer import peft as peft_lib
 from jaxfer.weights.load import Model, load as load_weights
 
 # ------------------------------------------------------------------- model
-def head_for(cfg) -> heads.Classifier:
-    m = cfg.model
-    return heads.Classifier(num_classes=m.num_classes, pooling=m.get("pooling") or None,
-                            dropout_rate=m.get("head_dropout", None), task=cfg.task)
+def head_for(cfg):
+    """The recipe's head: one task, several (``multitask``), or adapting (``adapt``)."""
+    return objective.head(cfg)
 
 
 def build_model(cfg, *, place=None) -> Model:
@@ -54,6 +53,7 @@ class Data:
     train_labels: np.ndarray | None
     test_labels: np.ndarray | None
     sizes: dict[str, int]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # sources; DA: source_test ...
 
 
 def dedupe_by(source, column: str):
@@ -71,6 +71,7 @@ def _sources(cfg):
         task = "regression" if cfg.task == "regression" else "classification"
         src = read(d.path, text=d.text, label=d.label, task=task,
                    label_names=tuple(d.label_names) if d.get("label_names") else None)
+        src = objective.with_task_columns(cfg, src, read)
         if d.get("dedupe"):
             src = dedupe_by(src, d.text)
         return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
@@ -91,6 +92,16 @@ def _labels(source) -> np.ndarray | None:
     return getattr(source, "labels", None)
 
 
+def _preprocessing(cfg, model: Model) -> dict[str, Any]:
+    d = cfg.data
+    common: dict[str, Any] = {"seed": cfg.seed}
+    if d.kind in ("csv", "jsonl"):
+        common.update(tokenizer=model.tokenizer(), max_length=d.max_length, text=d.text)
+    else:
+        common.update(image_size=d.image_size, image_options=dict(d.get("image_options", {}) or {}))
+    return common
+
+
 def build_data(cfg, model: Model) -> Data:
     d = cfg.data
     train_src, val_src, test_src = _sources(cfg)
@@ -101,21 +112,41 @@ def build_data(cfg, model: Model) -> Data:
         # a seeded random subset: files are often sorted by class or source
         keep = np.random.default_rng(cfg.seed).permutation(len(val_src))[: d.max_eval_examples]
         val_src = val_src.select(np.sort(keep))
-    common: dict[str, Any] = {"seed": cfg.seed}
-    if d.kind in ("csv", "jsonl"):
-        tok = model.tokenizer()
-        common.update(tokenizer=tok, max_length=d.max_length, text=d.text)
-    else:
-        common.update(image_size=d.image_size,
-                      image_options=dict(d.get("image_options", {}) or {}))
+    common = _preprocessing(cfg, model)
     train = data_lib.make_pipeline(train_src, global_batch_size=d.batch_size, train=True,
                                        mixup_alpha=d.get("mixup_alpha", 0.0),
                                        num_classes=cfg.model.num_classes, **common)
     val = data_lib.make_pipeline(val_src, global_batch_size=d.eval_batch_size, train=False, **common)
     test = data_lib.make_pipeline(test_src, global_batch_size=d.eval_batch_size, train=False, **common)
     names = getattr(train_src, "label_names", None) or (tuple(d.label_names) if d.get("label_names") else None)
-    return Data(train, val, test, tuple(names) if names else None, _labels(train_src),
-                _labels(test_src), sizes)
+    data = Data(train, val, test, tuple(names) if names else None, _labels(train_src),
+                _labels(test_src), sizes, extra={"train_source": train_src, "test_source": test_src})
+    return with_target(cfg, model, data) if objective.has_target(cfg) else data
+
+
+def with_target(cfg, model: Model, data: Data) -> Data:
+    """Domain adaptation: test on the target domain; train on source + unlabelled target
+    batches (``domain`` 0/1, target labels hidden) unless the method needs no target."""
+    tcfg = objective.target_config(cfg)
+    train_src, _, test_src = _sources(tcfg)  # the target's validation split is never read
+    common = _preprocessing(tcfg, model)
+    eval_size = tcfg.data.eval_batch_size
+    extra = {"source_test": data.test, "train_source": data.extra["train_source"], "test_source": test_src}
+    method = objective.adapt_method(cfg)
+    train = data.train
+    if method == "adabn":  # target training images, unaugmented, for the batch-norm statistics
+        extra["target_eval"] = data_lib.make_pipeline(train_src, global_batch_size=eval_size, train=False,
+                                                      **common)
+    elif method != "none":
+        target_train = data_lib.make_pipeline(train_src, global_batch_size=cfg.adapt.get("batch_size") or
+                                              tcfg.data.batch_size, train=True, **common)
+        train = data_lib.Mixture({"source": data.train, "target": target_train}, part_key="domain",
+                                 hide={"target": ("label",)})
+    test = data_lib.make_pipeline(test_src, global_batch_size=eval_size, train=False, **common)
+    sizes = {**{f"source_{k}": v for k, v in data.sizes.items()},
+             "target_train": len(train_src), "target_test": len(test_src)}
+    return dataclasses.replace(data, train=train, test=test, test_labels=_labels(test_src),
+                               sizes=sizes, extra=extra)
 
 
 # ---------------------------------------------------------------- training
@@ -183,13 +214,13 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     data = build_data(cfg, model) if with_data else None
     state = TrainState.create(peft.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
                               copy=False)  # the run keeps no other use for the loaded arrays
-    loss_fn = losses.for_task(cfg.task)
+    loss_fn, eval_loss_fn = objective.loss_fns(cfg)
     apply_fn = peft.apply_fn(step_lib.model_apply(model))
     state = strategy.place_state(state)
     train_step = strategy.train_step(apply_fn, peft.train_loss(loss_fn), tx, trainable,
                                      micro_batches=cfg.optim.get("accumulate", 1) or 1,
                                      lr_schedule=schedule)
-    eval_step = strategy.eval_step(apply_fn, loss_fn)
+    eval_step = strategy.eval_step(apply_fn, eval_loss_fn, **objective.eval_step_kwargs(cfg))
     ckpt = checkpointer(cfg, workdir, trainable, strategy) if workdir else None
     return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,
                trainable, strategy, peft)
@@ -230,7 +261,7 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         _log(f"transfer: {line}")
     _log(f"data: {run.data.sizes}")
     if workdir:  # what predict/serve/export need besides the checkpoint: tokenizer, label names
-        deploy.save_spec(workdir, cfg, run.model, run.data.label_names, head_for(cfg).task)
+        deploy.save_spec(workdir, cfg, run.model, run.data.label_names, cfg.task)
     state, history = loop.fit(
         run.state, run.train_step, run.data.train, steps=cfg.train.steps,
         eval_step=run.eval_step, eval_batches=run.data.validation,
@@ -238,17 +269,26 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         workdir=workdir, checkpointer=run.checkpointer, checkpoint_every=cfg.train.checkpoint_every,
         log_every=cfg.train.log_every, best_metric=cfg.train.best_metric,
         best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
-        max_nonfinite_skips=cfg.train.get("max_nonfinite_skips", 5), config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress)
+        max_nonfinite_skips=cfg.train.get("max_nonfinite_skips", 5), config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress,
+        metrics_fn=objective.metrics_fn(cfg))
     trained_steps = loop.current_step(state)
     if run.checkpointer is not None and run.checkpointer.best_step() is not None:
         state, _, _ = run.checkpointer.restore(state, best=True)  # best by validation
+    state = adapted(run, state)
     test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
-                         label_names=run.data.label_names, shard_batch=run.shard_batch)
+                         label_names=run.data.label_names, shard_batch=run.shard_batch,
+                         metrics_fn=objective.metrics_fn(cfg))
     result = {"test": test, "seconds": time.time() - t0, "steps": trained_steps,
               "tested_step": loop.current_step(state)}
-    if cfg.task == "classification" and run.data.train_labels is not None and run.data.test_labels is not None:
+    if "source_test" in run.data.extra:  # domain adaptation: "test" is the target domain's
+        result["source_test"] = loop.evaluate(state, run.eval_step, run.data.extra["source_test"],
+                                              task=cfg.task, label_names=run.data.label_names,
+                                              shard_batch=run.shard_batch)
+    if (cfg.task == "classification" and objective.task_list(cfg) is None
+            and run.data.train_labels is not None and run.data.test_labels is not None):
         result["majority_baseline"] = metrics.majority_baseline(
             run.data.train_labels, run.data.test_labels, cfg.model.num_classes)
+        result["baseline"] = non_transfer_baseline(cfg, run.data)
     _log(format_result(result))
     if workdir and jax.process_index() == 0:
         with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
@@ -260,8 +300,24 @@ def evaluate(cfg, workdir: str, split: str = "test") -> dict[str, Any]:
     """Metrics of the workdir's best (or latest) checkpoint on a split."""
     run = restore_trained(cfg, workdir)
     batches = {"test": run.data.test, "validation": run.data.validation}[split]
-    return loop.evaluate(run.state, run.eval_step, batches, task=cfg.task,
-                         label_names=run.data.label_names, shard_batch=run.shard_batch)
+    return loop.evaluate(adapted(run, run.state), run.eval_step, batches, task=cfg.task,
+                         label_names=run.data.label_names, shard_batch=run.shard_batch,
+                         metrics_fn=objective.metrics_fn(cfg))
+
+
+def adapted(run: Run, state):
+    """The trained state as it is tested: for ``adapt.method = "adabn"``, with every batch
+    norm's statistics re-estimated on the target training images (full batches, no
+    augmentation); otherwise unchanged."""
+    if objective.adapt_method(run.cfg) != "adabn" or run.data is None:
+        return state
+    from jaxfer.transfer import adapt
+
+    variables = {"params": state.params, **state.model_state}
+    batches = (run.shard_batch({k: v for k, v in b.items() if k != "mask"})
+               for b in run.data.extra["target_eval"] if b["mask"].all())
+    apply_fn = run.peft.apply_fn(step_lib.model_apply(run.model))
+    return state.replace(model_state=adapt.adabn(apply_fn, variables, batches))
 
 
 def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[str, Any]]:
@@ -286,14 +342,38 @@ def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[s
 
 
 # --------------------------------------------------------------- reporting
+def non_transfer_baseline(cfg, data: Data) -> dict[str, Any]:
+    """A model fitted from nothing on the same split (:mod:`jaxfer.baselines`)."""
+    d = cfg.data
+    kind = "text" if d.kind in ("csv", "jsonl") else "image" if d.get("image_size") else d.kind
+    return baselines.non_transfer(kind, data.extra["train_source"], data.extra["test_source"],
+                                  num_classes=cfg.model.num_classes, text=d.get("text", "text"),
+                                  label_names=data.label_names, seed=cfg.seed)
+
+
 def format_result(result: dict[str, Any]) -> str:
     test = result["test"]
+    if "tasks" in test:  # multitask: each task's report
+        from jaxfer.transfer import multitask
+
+        return f"test:\n{multitask.format_report(test)}"
     lines = [f"test: {metrics.format_report(test)}"]
+    if "source_test" in result:  # domain adaptation: "test" is the target domain's
+        src = result["source_test"]
+        lines.append(f"source-domain test: accuracy {src['accuracy']:.4f}  macro-F1 {src['macro_f1']:.4f}"
+                     if "accuracy" in src else f"source-domain test: {src}")
     base = result.get("majority_baseline")
     if base is not None:
         lines.append(f"majority-class baseline: accuracy {base['accuracy']:.4f}  "
                      f"macro-F1 {base['macro_f1']:.4f}")
+        simple = result.get("baseline") or baselines.skipped("not computed")
+        lines.append(f"no-transfer baseline:    {simple['skipped']}" if "skipped" in simple else
+                     f"no-transfer baseline:    accuracy {simple['accuracy']:.4f}  macro-F1 "
+                     f"{simple['macro_f1']:.4f}  ({simple['name']}, same split)")
         lines.append(f"model:                   accuracy {test['accuracy']:.4f}  "
                      f"macro-F1 {test['macro_f1']:.4f}  (checkpoint of step {result['tested_step']} "
                      f"of {result['steps']}, best on validation; {result['seconds']:.0f} s in all)")
+        warning = baselines.verdict(test, result.get("baseline") or {})
+        if warning:
+            lines.append(warning)
     return "\n".join(lines)

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxfer.train.step import linen_apply
 from jaxfer.transfer import adapt
@@ -82,3 +83,52 @@ def test_adabn_statistics_are_the_target_data_statistics():
     # the module's own momentum and mode are untouched afterwards
     _, new = linen_apply(module)(variables, {"x": target[:6]}, train=True)
     np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["mean"], 0.1 * target[:6].mean(0), rtol=1e-5)
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+        return {"last_hidden_state": nn.relu(h)[:, None, :]}
+
+
+def test_domain_classifier_trains_on_source_and_target_batches_and_counts_its_schedule():
+    import jaxfer as jf
+    from jaxfer.data import mixture
+    from jaxfer.models import heads
+    from jaxfer.transfer import regularizers
+
+    n = 32
+    x = RNG.normal(size=(n, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32)
+    source = jf.data.from_arrays({"x": x, "label": y})
+    target = jf.data.from_arrays({"x": 2 * x + 1, "label": y})
+    train = mixture.Mixture({"s": jf.data.pipeline(source, global_batch_size=8, train=True),
+                             "t": jf.data.pipeline(target, global_batch_size=8, train=True)},
+                            part_key="domain", hide={"t": ("label",)})
+    batch = next(train)
+    assert (batch["label"][8:] == -100).all() and (batch["domain"] == np.repeat([0, 1], 8)).all()
+    head = adapt.DomainClassifier(2, pooling="cls", method="cdan+e", hidden=8, total_calls=6)
+    model = heads.TaskModel(_Net(), head, prefix="net")
+    variables = model.init(jax.random.key(0), x[:2])
+    assert set(variables) == {"params", "batch_stats", "adapt"}
+    base = jf.losses.for_task("classification")
+    loss = regularizers.add_terms(base, (1.0, adapt.term("cdan+e")))
+    apply_fn = jf.linen_apply(model, input_keys=("x",))
+    tx = optax.adam(1e-2)
+    step = jf.make_train_step(apply_fn, loss, tx, micro_batches=2)
+    state = jf.TrainState.create(variables["params"], tx, rng=0,
+                                 model_state={k: v for k, v in variables.items() if k != "params"})
+    before = jax.tree_util.tree_map(np.array, state.params["classifier"]["discriminator"])
+    state, metrics = step(state, batch)
+    state, metrics = step(state, next(train))
+    assert int(state.model_state["adapt"]["classifier"]["calls"]) == 4  # 2 steps x 2 micro-batches
+    changed = jax.tree_util.tree_map(lambda a, b: bool((a != b).any()), before,
+                                     state.params["classifier"]["discriminator"])
+    assert all(jax.tree_util.tree_leaves(changed))
+    outputs, _ = apply_fn({"params": state.params, **state.model_state}, batch, train=False)
+    assert outputs["domain_logits"].shape == (16,) and outputs["features"].shape == (16, 8)
+    # evaluation batches have no domain column: the term is 0 and the loss is the plain one
+    plain = {k: v for k, v in batch.items() if k != "domain"}
+    np.testing.assert_array_equal(loss(outputs, plain)[0], base(outputs, plain)[0])
+    assert float(jnp.sum(loss(outputs, batch)[0] - base(outputs, batch)[0])) != 0.0

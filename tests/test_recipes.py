@@ -17,8 +17,8 @@ from tests import stand_ins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
-    "minilm_tweets.py": ("full", "top2", "probe", "lora", "bitfit", "l2sp"),
-    "vit_cifar10.py": ("full", "probe", "pod"),
+    "minilm_tweets.py": ("full", "top2", "probe", "lora", "bitfit", "l2sp", "scratch"),
+    "vit_cifar10.py": ("full", "probe", "pod", "scratch"),
 }
 
 
@@ -50,7 +50,7 @@ def test_minilm_tweets(variant, text_stand_ins, tmp_path, capsys):
     args = _text_args(variant, text_stand_ins, tmp_path / "run")
     assert cli.main(["train", *args, *SHORT]) == 0
     out = capsys.readouterr().out
-    assert "majority-class baseline" in out
+    assert "majority-class baseline" in out and "no-transfer baseline:    accuracy" in out
     result = json.load(open(tmp_path / "run" / "test_metrics.json"))
     # every test example counted once: 10% of 192 de-duplicated rows
     support = sum(c["support"] for c in result["test"]["per_class"].values())
@@ -68,6 +68,43 @@ def test_minilm_tweets(variant, text_stand_ins, tmp_path, capsys):
         assert cli.main(["predict", *args, "--text", "I love this, great day"]) == 0
         row = json.loads(capsys.readouterr().out.splitlines()[-1])
         assert row["label"] in ("negative", "neutral", "positive")
+
+
+def test_minilm_tweets_multitask(text_stand_ins, tmp_path, capsys):
+    args = _text_args("multitask", text_stand_ins, tmp_path / "run")
+    assert cli.main(["train", *args, *SHORT]) == 0
+    out = capsys.readouterr().out
+    assert "[sentiment]" in out and "[confidence]" in out
+    test = json.load(open(tmp_path / "run" / "test_metrics.json"))["test"]
+    assert test["sentiment/num_examples"] == test["confidence/num_examples"] == 20
+    assert set(test["tasks"]["sentiment"]["per_class"]) == {"negative", "neutral", "positive"}
+    evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert any("confidence/r2" in r for r in evals if r["split"] == "eval")
+    assert cli.main(["eval", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["sentiment/accuracy"] == pytest.approx(test["sentiment/accuracy"])
+
+
+def test_domain_adaptation_source_only_and_adapted_differ_by_one_key(text_stand_ins, tmp_path, capsys):
+    import ml_collections
+
+    from jaxfer import config as config_lib, experiment
+
+    bert, csv = text_stand_ins
+    target = stand_ins.tweets_csv(str(tmp_path / "target.csv"), seed=1)
+    _, overrides = config_lib.split_overrides(_text_args("top2", text_stand_ins, "")[2:-2] + SHORT[:-1])
+    results = {}
+    for method in ("none", "dann"):
+        cfg = config_lib.load_with_overrides(os.path.join(ROOT, "configs", "minilm_tweets.py:top2"), overrides)
+        with cfg.unlocked():
+            cfg.adapt = ml_collections.ConfigDict({"method": method, "weight": 1.0, "target": {"path": target}})
+        results[method] = experiment.train(cfg, str(tmp_path / method), progress=False)
+    out = capsys.readouterr().out
+    assert "source-domain test" in out
+    # tested on the target domain's test split (19 de-duplicated rows), reported beside the source's (20)
+    for r in results.values():
+        assert r["test"]["num_examples"] == 19 and r["source_test"]["num_examples"] == 20
+    records = [json.loads(line) for line in open(tmp_path / "dann" / "metrics.jsonl")]
+    assert all(r["examples"] == 16 for r in records if r["split"] == "train")  # 8 source + 8 target rows
 
 
 def test_pmap_strategy_trains_checkpoints_and_resumes(text_stand_ins, tmp_path, capsys):

@@ -8,6 +8,7 @@ iterators cover every example exactly once. See ``iterators.py`` for the contrac
 from jaxfer.data.image import (IMAGENET_MEAN, IMAGENET_STD, center_crop, image_transform,
                                mixup, normalize, random_resized_crop_box, resize)
 from jaxfer.data.iterators import EvalBatches, Prefetch, TrainIterator
+from jaxfer.data.mixture import EvalChain, Mixture, mixture_sizes
 from jaxfer.data.pipeline import (SOURCES, make_pipeline, make_source, pipeline,
                                   process_info, shard, split_source)
 from jaxfer.data.sources import (ArraySource, ImageFolderSource, encode_labels, from_arrays,

@@ -108,7 +108,8 @@ def from_records(
 
     ``text`` is one column name or several (e.g. ``("premise", "hypothesis")``);
     they keep their names. ``task`` is ``"classification"`` (names -> ids, the
-    vocabulary recorded as ``label_names``) or ``"regression"`` (float32 targets).
+    vocabulary recorded as ``label_names``) or ``"regression"`` (float32 targets,
+    NaN for an empty cell).
     ``id`` is the row number, so every example can be traced back to its row.
     """
     text_cols = [text] if isinstance(text, str) else list(text)
@@ -127,8 +128,8 @@ def from_records(
         values = [r[label] for r in records]
         if task == "classification":
             cols["label"], vocab = encode_labels(values, label_names)
-        elif task == "regression":
-            cols["label"] = np.asarray(values, np.float32)
+        elif task == "regression":  # an empty cell is a missing target (NaN: no label)
+            cols["label"] = np.asarray([np.nan if v in ("", None) else float(v) for v in values], np.float32)
         else:
             raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     return ArraySource(cols, vocab)

@@ -20,6 +20,20 @@ supervised loss of a model trained on both domains at once:
 * :func:`adabn` -- re-estimate every batch norm's statistics on target data
   (AdaBN, Li et al., 2016); no training.
 
+Training with them (what a recipe's ``adapt.method`` switches on):
+
+* :class:`DomainClassifier` -- a ``heads.Classifier`` that also returns the
+  pooled ``features`` and, for the adversarial methods, ``domain_logits`` from
+  its :class:`DomainDiscriminator` (``classifier/discriminator/...``, trained
+  with the head); its gradient reversal follows :func:`dann_lambda` over the
+  training calls it counts in the ``adapt`` collection (checkpointed with the
+  model state, so a resumed run continues the schedule).
+* :func:`term` -- the method's loss term ``term(outputs, batch)``, added with
+  :func:`jaxfer.transfer.regularizers.add_terms`; batches come from
+  :class:`jaxfer.data.mixture.Mixture` with ``part_key="domain"`` (source rows
+  0 with labels, target rows 1 with labels hidden). On batches without a
+  ``domain`` column (evaluation) every term is 0.
+
 Every loss here is a *batch-level* term: it is computed over the rows of one
 batch (source and target rows together), not per example. Under gradient
 accumulation (``optim.accumulate = k``) it is computed per micro-batch, and
@@ -39,7 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfer.models import heads
+
 SOURCE, TARGET = 0, 1
+DOMAIN_KEY = "domain"
+METHODS = ("none", "dann", "cdan", "cdan+e", "coral", "mmd", "mcc", "adabn")
+ADVERSARIAL = ("dann", "cdan", "cdan+e")
 
 
 # ------------------------------------------------------- gradient reversal
@@ -86,6 +105,91 @@ class DomainDiscriminator(nn.Module):
             x = nn.relu(nn.Dense(self.hidden, name=f"dense_{i}")(x))
             x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
         return nn.Dense(1, name="out")(x)[..., 0]
+
+
+class DomainClassifier(heads.Classifier):
+    """A classifier head that also gives what adaptation terms need.
+
+    Returns ``{"logits", "features"}`` (``features``: the pooled backbone
+    output the Dense reads, before dropout) and, when ``method`` is adversarial,
+    ``"domain_logits"``: the discriminator on ``gradient_reversal(features)``
+    (DANN) or on the multilinear map of features and the detached class
+    probabilities (CDAN, CDAN+E). The map is randomized (fixed Gaussian
+    ``R_f``, ``R_g`` from ``seed``, ``random_dim`` wide) when ``D * C`` exceeds
+    ``map_limit``.
+
+    The reversal coefficient is ``dann_lambda(calls / total_calls, gamma,
+    max_lambda)``, ``calls`` counting training-mode calls (``adapt/calls``): give
+    ``total_calls = steps * micro_batches``.
+    """
+
+    method: str = "dann"
+    hidden: int = 256
+    layers: int = 2
+    disc_dropout: float = 0.5
+    total_calls: int = 1000
+    gamma: float = 10.0
+    max_lambda: float = 1.0
+    map_limit: int = 4096
+    random_dim: int = 1024
+    seed: int = 0
+
+    @nn.compact
+    def __call__(self, outputs, attention_mask=None, *, train: bool = False):
+        features = heads.pool(outputs, self.pooling or "cls", attention_mask)
+        logits = self.project(features, train=train)
+        result = {"logits": logits, "features": features}
+        if self.method not in ADVERSARIAL:
+            return result
+        calls = self.variable("adapt", "calls", lambda: jnp.zeros((), jnp.int32))
+        lam = dann_lambda(calls.value / self.total_calls, self.gamma, self.max_lambda)
+        if train and not self.is_initializing():
+            calls.value = calls.value + 1
+        x = features
+        if self.method != "dann":
+            probs = jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32), -1)).astype(x.dtype)
+            d, c = x.shape[-1], probs.shape[-1]
+            if d * c <= self.map_limit:
+                x = multilinear_map(x, probs)
+            else:
+                kf, kg = jax.random.split(jax.random.key(self.seed))
+                x = randomized_multilinear_map(x, probs, jax.random.normal(kf, (d, self.random_dim), x.dtype),
+                                               jax.random.normal(kg, (c, self.random_dim), x.dtype))
+        disc = DomainDiscriminator(self.hidden, self.layers, self.disc_dropout, name="discriminator")
+        result["domain_logits"] = disc(x, lam, train=train)
+        return result
+
+
+def term(method: str, *, temperature: float = 2.5):
+    """The batch-level loss term of ``method`` as ``term(outputs, batch) -> scalar``.
+
+    ``dann``/``cdan``: :func:`domain_adversarial_loss` of ``outputs["domain_logits"]``;
+    ``cdan+e`` weights it by :func:`entropy_weights` of the class probabilities;
+    ``coral``/``mmd``: :func:`coral`/:func:`mk_mmd` of ``outputs["features"]``;
+    ``mcc``: :func:`mcc` of the target rows' logits. 0 when the batch has no
+    ``domain`` column. ``none``/``adabn`` have no term (``None``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown adaptation method {method!r}; choose one of {METHODS}")
+    if method in ("none", "adabn"):
+        return None
+
+    def fn(outputs, batch):
+        if DOMAIN_KEY not in batch:
+            return jnp.zeros((), jnp.float32)
+        domain, mask = batch[DOMAIN_KEY], batch.get("mask")
+        if method in ADVERSARIAL:
+            weights = None
+            if method == "cdan+e":
+                weights = entropy_weights(jax.nn.softmax(outputs["logits"].astype(jnp.float32), -1))
+            return domain_adversarial_loss(outputs["domain_logits"], domain, weights=weights, mask=mask)
+        if method == "coral":
+            return coral(outputs["features"], domain, mask=mask)
+        if method == "mmd":
+            return mk_mmd(outputs["features"], domain, mask=mask)
+        return mcc(outputs["logits"], domain, temperature=temperature, mask=mask)
+
+    return fn
 
 
 # -------------------------------------------------------- row selections
