@@ -168,12 +168,17 @@ def add(params: PyTree, rules: masks.Rules, rng: jax.Array | int = 0, *, name: s
 
 
 # ----------------------------------------------------------------- running
-def _factors(params: PyTree, spec: Spec, path: str) -> tuple[jax.Array, jax.Array]:
+def _adapter(params: PyTree, spec: Spec) -> dict[str, jax.Array]:
+    """The adapter's leaves, flat: ``{"<kernel path>/a": A, "<kernel path>/b": B, ...}``."""
     try:
-        node = tree.flatten(params[KEY][spec.name])
+        return tree.flatten(params[KEY][spec.name])
     except KeyError:
         raise KeyError(f"params hold no adapter named {spec.name!r} (have: "
                        f"{sorted(params.get(KEY, {}))})") from None
+
+
+def _factors(params: PyTree, spec: Spec, path: str) -> tuple[jax.Array, jax.Array]:
+    node = _adapter(params, spec)
     return node[path + tree.SEP + "a"], node[path + tree.SEP + "b"]
 
 
@@ -190,8 +195,9 @@ def merge(params: PyTree, *specs: Spec, rng: jax.Array | None = None) -> dict:
     """
     flat = tree.flatten(base_params(params))
     for j, spec in enumerate(specs):
+        node = _adapter(params, spec)
         for i, (path, lo) in enumerate(spec.targets):
-            a, b = _factors(params, spec, path)
+            a, b = node[path + tree.SEP + "a"], node[path + tree.SEP + "b"]
             if rng is not None and lo.dropout:
                 keep = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(rng, j), i),
                                             1.0 - lo.dropout, (a.shape[0], 1))
@@ -213,8 +219,9 @@ def unmerge(merged: PyTree, adapters: Mapping[str, PyTree], *specs: Spec) -> dic
     params = {**merged, KEY: {**merged.get(KEY, {}), **{s.name: adapters[s.name] for s in specs}}}
     flat = tree.flatten(base_params(params))
     for spec in specs:
+        node = _adapter(params, spec)
         for path, lo in spec.targets:
-            a, b = _factors(params, spec, path)
+            a, b = node[path + tree.SEP + "a"], node[path + tree.SEP + "b"]
             flat[path] = flat[path] - delta(a, b, lo, flat[path].shape).astype(flat[path].dtype)
     return {**tree.unflatten(flat), KEY: params[KEY]}
 
