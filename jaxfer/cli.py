@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="(predict) a CSV/JSONL of texts, or image files / folders / a .txt list; repeatable")
     p.add_argument("--output", default=None,
                    help="(predict) the CSV to write; (export) the folder or .onnx file to write")
-    p.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx", "hf"),
-                   help="(export) a jax.export serving folder, an ONNX file, or a Hugging Face folder")
+    p.add_argument("--format", default="stablehlo", choices=("stablehlo", "onnx", "savedmodel", "hf"),
+                   help="(export) a jax.export serving folder, an ONNX file, a TF SavedModel, "
+                   "or a Hugging Face folder")
     p.add_argument("--export", default=None, help="(serve) a StableHLO export folder instead of a workdir")
     p.add_argument("--host", default="127.0.0.1", help="(serve) address to listen on")
     p.add_argument("--port", type=int, default=8000, help="(serve) port")
@@ -161,7 +162,7 @@ def _run(args, cfg) -> int:
 
         _need_workdir(args)
         out = args.output or os.path.join(args.workdir, {"stablehlo": "export", "onnx": "model.onnx",
-                                                         "hf": "hf"}[args.format])
+                                                         "savedmodel": "saved_model", "hf": "hf"}[args.format])
         print(f"wrote {deploy.export(deploy.restore(cfg, args.workdir), out, args.format)}")
     elif args.command == "serve":
         from jaxfer import deploy

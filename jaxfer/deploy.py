@@ -22,7 +22,7 @@ import jax
 
 from jaxfer.inference import DEFAULT_BATCH_SIZES, SPEC_DIR, SPEC_FILE, Predictor, Spec, load_tokenizer
 
-FORMATS = ("stablehlo", "onnx", "hf")
+FORMATS = ("stablehlo", "onnx", "savedmodel", "hf")
 
 
 @dataclasses.dataclass
@@ -80,7 +80,8 @@ def export(trained: Trained, out: str, format: str = "stablehlo", *,
     """Write a serving export of ``trained`` (see :mod:`jaxfer.export`); returns its path.
 
     ``stablehlo``: the folder ``out`` (with the tokenizer, so ``jaxfer serve --export out``
-    needs nothing else); ``onnx``: the file ``out`` (``.onnx`` added if missing); ``hf``:
+    needs nothing else); ``onnx``: the file ``out`` (``.onnx`` added if missing);
+    ``savedmodel``: a TensorFlow SavedModel folder (``jaxfer[savedmodel]``); ``hf``:
     the folder ``out`` in the Hugging Face layout (:func:`jaxfer.weights.save.save`).
     """
     from jaxfer import export as export_lib
@@ -95,6 +96,8 @@ def export(trained: Trained, out: str, format: str = "stablehlo", *,
                     tokenizer=trained.tokenizer)
     example = Predictor(lambda x: x, trained.spec, trained.tokenizer).example_inputs(2)
     apply_fn = model_apply(trained.model)
+    if format == "savedmodel":
+        return export_lib.saved_model(out, apply_fn, trained.variables, example, task=trained.spec.task)
     if format == "onnx":
         path = out if out.endswith(".onnx") else out + ".onnx"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -18,7 +18,9 @@ lowered for each of ``platforms`` (default: this process's backend; lowering
 for ``("cpu", "cuda", "tpu")`` works from any machine).
 
 :func:`onnx` converts the same function with ``jax2onnx`` (``pip install
-'jaxfer[onnx]'``), the parameters baked in as constants.
+'jaxfer[onnx]'``), the parameters baked in as constants; :func:`saved_model`
+writes a TensorFlow SavedModel with ``orbax-export`` (``pip install
+'jaxfer[savedmodel]'``, which brings TensorFlow).
 """
 
 from __future__ import annotations
@@ -164,3 +166,29 @@ def onnx(path: str | os.PathLike, apply_fn, variables: Mapping[str, Any], inputs
     to_onnx(g, specs, model_name="jaxfer", opset=opset, input_names=names, output_names=outputs,
             return_mode="file", output_path=path)
     return path
+
+
+def saved_model(directory: str | os.PathLike, apply_fn, variables: Mapping[str, Any],
+                inputs: Mapping[str, Any], *, task: str = "classification") -> str:
+    """A TensorFlow SavedModel of the inference function (``orbax-export``, through jax2tf).
+
+    Signature ``serving_default``: the named inputs (batch dimension ``None``) ->
+    ``logits`` and (for classifiers) ``probs``. The batch dimension is given to
+    jax2tf as one symbolic ``b`` (orbax-export's default ``None`` does not parse
+    with jax >= 0.10).
+    """
+    try:
+        import tensorflow as tf
+        from orbax.export import ExportManager, JaxModule, ServingConfig
+    except ImportError as e:
+        raise ImportError("SavedModel export needs TensorFlow and orbax-export: "
+                          "pip install 'jaxfer[savedmodel]'") from e
+    f = inference_fn(apply_fn, task)
+    names = list(inputs)
+    poly = {k: "(b, " + ", ".join(map(str, np.shape(inputs[k])[1:])) + ")" for k in names}
+    module = JaxModule(flat_variables(variables), f, input_polymorphic_shape=poly)
+    signature = [{k: tf.TensorSpec([None, *np.shape(inputs[k])[1:]], tf.as_dtype(np.asarray(inputs[k]).dtype),
+                                   name=k) for k in names}]
+    directory = os.fspath(directory)
+    ExportManager(module, [ServingConfig("serving_default", input_signature=signature)]).save(directory)
+    return directory

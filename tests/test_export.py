@@ -117,3 +117,19 @@ def test_onnx_export_matches_the_live_model(bert, tmp_path):
         diff = max(float(np.abs(logits - live["logits"]).max()), float(np.abs(probs - live["probs"]).max()))
         print(f"onnx batch {n}: max |onnx - live| = {diff:.2e}")
         assert diff <= 1e-5
+
+
+def test_saved_model_export_matches_the_live_model(bert, tmp_path):
+    """Needs TensorFlow (pip install 'jaxfer[savedmodel]'); skipped where it is not installed."""
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("orbax.export")
+    model, inputs = bert
+    folder = export.saved_model(tmp_path / "sm", jf.model_apply(model), model.variables, inputs)
+    serve = tf.saved_model.load(folder).signatures["serving_default"]
+    for n in (1, 7):
+        live = _live(model, inputs, n)
+        out = serve(**{k: tf.constant(x[:n]) for k, x in inputs.items()})
+        got = {k: v.numpy() for k, v in out.items()}
+        diff = max(float(np.abs(got[k] - live[k]).max()) for k in ("logits", "probs"))
+        print(f"SavedModel batch {n}: max |tf - live| = {diff:.2e}")
+        assert diff <= 1e-5
