@@ -27,12 +27,38 @@ FORMATS = ("stablehlo", "onnx", "savedmodel", "hf")
 
 @dataclasses.dataclass
 class Trained:
-    """A trained model ready for inference: ``variables = {"params": ..., **model_state}``."""
+    """A trained model ready for inference: ``variables = {"params": ..., **model_state}``;
+    ``apply_fn`` (the step contract) when the plain model does not run them (adapters)."""
 
     model: Any
     variables: dict[str, Any]
     spec: Spec
     tokenizer: Any = None
+    apply_fn: Any = None
+
+    def apply(self):
+        from jaxfer.train.step import model_apply
+
+        return self.apply_fn or model_apply(self.model)
+
+
+def inference_form(run, params) -> tuple[Any, Any]:
+    """``(apply_fn or None, params)`` that predict as the run's eval step does, without its
+    training-only parts: LoRA merged, a teacher copy dropped; adapters stay (they are not
+    linear), run by their wrapped apply_fn."""
+    peft = run.peft
+    if peft is None:
+        return None, params
+    if peft.adapters is None:
+        return None, peft.inference_params(params)
+    from jaxfer.train.step import model_apply
+    from jaxfer.transfer import adapters as adapters_lib, lora as lora_lib
+    from jaxfer.transfer.regularizers import TEACHER
+
+    params = {k: v for k, v in params.items() if k != TEACHER}
+    if peft.lora is not None:
+        params = lora_lib.merge(params, peft.lora)
+    return adapters_lib.wrap(model_apply(run.model), peft.adapters), params
 
 
 def spec_dir(workdir: str) -> str:
@@ -65,14 +91,15 @@ def restore(cfg, workdir: str) -> Trained:
 
     run = experiment.restore_trained(cfg, workdir, with_data=False)
     state = jax.device_get(run.state) if jax.process_count() == 1 else run.state
-    variables = {"params": run.peft.inference_params(state.params), **state.model_state}
+    apply_fn, params = inference_form(run, state.params)
+    variables = {"params": params, **state.model_state}
     spec, tokenizer = load_spec(cfg, workdir, run.model, cfg.task)
-    return Trained(run.model, variables, spec, tokenizer)
+    return Trained(run.model, variables, spec, tokenizer, apply_fn)
 
 
 def predictor(trained: Trained, batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> Predictor:
     return Predictor.from_model(trained.model, trained.variables, trained.spec,
-                                tokenizer=trained.tokenizer, batch_sizes=batch_sizes)
+                                tokenizer=trained.tokenizer, batch_sizes=batch_sizes, apply_fn=trained.apply())
 
 
 def export(trained: Trained, out: str, format: str = "stablehlo", *,
@@ -85,17 +112,20 @@ def export(trained: Trained, out: str, format: str = "stablehlo", *,
     the folder ``out`` in the Hugging Face layout (:func:`jaxfer.weights.save.save`).
     """
     from jaxfer import export as export_lib
-    from jaxfer.train.step import model_apply
 
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {FORMATS}")
     if format == "hf":
-        from jaxfer.weights.save import save
+        from jaxfer.weights.save import SaveError, save
+
+        if trained.apply_fn is not None:
+            raise SaveError("this run's adapters add modules Hugging Face's classes lack; "
+                            "export it for serving (--format stablehlo / onnx) instead")
 
         return save(trained.model, out, trained.variables, label_names=trained.spec.label_names,
                     tokenizer=trained.tokenizer)
     example = Predictor(lambda x: x, trained.spec, trained.tokenizer).example_inputs(2)
-    apply_fn = model_apply(trained.model)
+    apply_fn = trained.apply()
     if format == "savedmodel":
         return export_lib.saved_model(out, apply_fn, trained.variables, example, task=trained.spec.task)
     if format == "onnx":

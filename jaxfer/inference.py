@@ -242,14 +242,15 @@ class Predictor:
     # ----------------------------------------------------------- builders
     @classmethod
     def from_model(cls, model, variables: Mapping[str, Any], spec: Spec, *, tokenizer: Any = None,
-                   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES) -> "Predictor":
-        """The live model (a loaded :class:`jaxfer.Model`) with ``variables``, jit-compiled."""
+                   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, apply_fn=None) -> "Predictor":
+        """The live model (a loaded :class:`jaxfer.Model`) with ``variables``, jit-compiled
+        (through ``apply_fn``, the step contract, when given: e.g. adapters wrapped around it)."""
         import jax
 
         from jaxfer import export
         from jaxfer.train.step import model_apply
 
-        fn = jax.jit(export.inference_fn(model_apply(model), spec.task))
+        fn = jax.jit(export.inference_fn(apply_fn or model_apply(model), spec.task))
         flat = jax.device_put(export.flat_variables(variables))
         return cls(lambda inputs: fn(flat, inputs), spec, tokenizer, tuple(batch_sizes))
 

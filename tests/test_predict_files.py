@@ -165,3 +165,34 @@ def test_bad_inputs_are_named(tmp_path):
     (tmp_path / "l.txt").write_text("missing.png\n")
     with pytest.raises(FileNotFoundError, match="do not exist"):
         list_images([str(tmp_path / "l.txt")])
+
+
+def test_an_adapter_run_predicts_and_exports_through_its_adapters(tmp_path, capsys):
+    """Adapters are not linear: prediction and export run the wrapped apply_fn (not the plain
+    model, which would ignore params["adapters"] silently); HF export is refused."""
+    bert = stand_ins.tiny_bert(str(tmp_path / "bert"), num_layers=2)
+    data = stand_ins.tweets_csv(str(tmp_path / "tweets.csv"))
+    run = tmp_path / "run"
+    args = ["--config", os.path.join(ROOT, "configs", "minilm_tweets.py:top2"), f"--config.model.source={bert}",
+            f"--config.data.path={data}", "--config.data.batch_size=8", "--config.data.eval_batch_size=16",
+            "--config.data.max_eval_examples=0", "--config.optim.lr=3e-2", "--config.transfer.adapters.size=4",
+            "--config.rules=(('adapters/**', 1.0), ('classifier/**', 1.0), ('**', None))", "--workdir", str(run)]
+    assert cli.main(["train", *args, *SHORT]) == 0
+    test = _test_split(args)
+    names = ("negative", "neutral", "positive")
+    unlabeled = tmp_path / "new.jsonl"
+    unlabeled.write_text("".join(json.dumps({"text": t}) + "\n" for t in test.columns["text"]))
+    out = tmp_path / "predictions.csv"
+    assert cli.main(["predict", *args, "--input", str(unlabeled), "--output", str(out), "--no_progress"]) == 0
+    rows = _read(out)
+    held = [names[i] for i in test.columns["label"]]
+    accuracy = float(np.mean([r["label"] == h for r, h in zip(rows, held)]))
+    eval_accuracy = _eval_accuracy(args, capsys)
+    print(f"adapters: predict accuracy {accuracy:.4f} vs jaxfer eval {eval_accuracy:.4f}")
+    assert accuracy == pytest.approx(eval_accuracy, abs=1e-12)
+    probs = np.array([[float(r[f"prob:{n}"]) for n in names] for r in rows])
+    assert cli.main(["export", *args, "--output", str(tmp_path / "export")]) == 0
+    np.testing.assert_allclose(Predictor.from_export(tmp_path / "export")(list(test.columns["text"]))["probs"],
+                               probs, atol=2e-6)
+    with pytest.raises(SystemExit, match="adapters add modules"):
+        cli.main(["export", *args, "--format", "hf", "--output", str(tmp_path / "hf")])
