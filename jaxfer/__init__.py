@@ -14,7 +14,8 @@
 See the README for the tour and ``jaxfer train --config ...`` for recipes.
 """
 
-from jaxfer import config, data, deploy, export, masks, metrics, optim, tree
+from jaxfer import config, data, deploy, export, generation, masks, metrics, optim, tasks, tree
+from jaxfer.generation import generate
 from jaxfer.param_table import explain
 from jaxfer.models import heads
 from jaxfer.train import checkpoint, losses, parallel
@@ -23,12 +24,13 @@ from jaxfer.train.loop import evaluate, fit, predict
 from jaxfer.train.state import TrainState
 from jaxfer.train.step import linen_apply, make_eval_step, make_train_step, model_apply
 from jaxfer.weights import surgery
-from jaxfer.weights.load import Model, load
+from jaxfer.weights.load import Model, init_model, load
 from jaxfer.weights.save import save
 
 __all__ = [
     "Checkpointer", "Model", "TrainState", "checkpoint", "config", "data", "deploy", "evaluate", "explain",
-    "export", "fit", "heads", "linen_apply", "load", "losses", "make_eval_step", "make_train_step",
-    "masks", "metrics", "model_apply", "optim", "parallel", "predict", "save", "surgery", "tree",
+    "export", "fit", "generate", "generation", "heads", "init_model", "linen_apply", "load", "losses",
+    "make_eval_step", "make_train_step", "masks", "metrics", "model_apply", "optim", "parallel", "predict",
+    "save", "surgery", "tasks", "tree",
 ]
 __version__ = "0.1.0"

@@ -81,11 +81,24 @@ def init_distributed(args) -> None:
         jax.distributed.initialize()
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is at the time (tests and notebooks
+    swap it; the stream of the first call may be closed by the next)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _show_progress_logs() -> None:
     """jaxfer's own INFO messages (resumed from ..., evaluations) on stderr."""
     logger = logging.getLogger("jaxfer")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("jaxfer: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -22,14 +22,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfer import baselines, deploy, masks, metrics, objective, optim, param_table
+from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, tasks
 from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
 from jaxfer.train import loop, losses, parallel, step as step_lib
 from jaxfer.train.state import TrainState
 from jaxfer.transfer import peft as peft_lib
-from jaxfer.weights.load import Model, load as load_weights
+from jaxfer.weights.load import Model, init_model, load as load_weights
 
 # ------------------------------------------------------------------- model
 def head_for(cfg):
@@ -38,9 +38,29 @@ def head_for(cfg):
 
 
 def build_model(cfg, *, place=None) -> Model:
-    """``jaxfer.load(model.source, head=Classifier(...), reinit=model.reinit)``."""
+    """``jaxfer.load(model.source, head=Classifier(...), reinit=model.reinit)``; a sequence
+    task (causal_lm, seq2seq) takes the model as it is: its own LM head, no classifier.
+
+    ``model.scratch`` (an HF config as a dict, with ``model_type``) instead of a source
+    builds that model with random weights, to train from scratch (``model.tokenizer``:
+    the folder of its tokenizer): what a recipe does when no pretrained weights exist.
+    """
+    scratch = cfg.model.get("scratch") or None
+    if scratch:
+        if cfg.model.get("source"):
+            raise ValueError("model.source and model.scratch are both set: load pretrained weights "
+                             "or train from scratch, not both")
+        config = scratch.to_dict() if hasattr(scratch, "to_dict") else dict(scratch)
+        return init_model(config, head_for(cfg), rng=cfg.seed, tokenizer=cfg.model.get("tokenizer") or None,
+                          place=place)
     return load_weights(cfg.model.source, head=head_for(cfg), reinit=tuple(cfg.model.reinit),
                          rng=cfg.seed, place=place)
+
+
+def tokenizer_for(cfg, model: Model):
+    """``model.tokenizer`` of the recipe when set, else the model source's."""
+    path = cfg.model.get("tokenizer") or None
+    return data_lib.load_tokenizer(path) if path else model.tokenizer()
 
 
 # -------------------------------------------------------------------- data
@@ -54,6 +74,7 @@ class Data:
     test_labels: np.ndarray | None
     sizes: dict[str, int]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # sources; DA: source_test ...
+    class_targets: tuple[tuple[int, ...], ...] | None = None  # label words' tokens (text-to-text)
 
 
 def dedupe_by(source, column: str):
@@ -95,8 +116,10 @@ def _labels(source) -> np.ndarray | None:
 def _preprocessing(cfg, model: Model) -> dict[str, Any]:
     d = cfg.data
     common: dict[str, Any] = {"seed": cfg.seed}
-    if d.kind in ("csv", "jsonl"):
-        common.update(tokenizer=model.tokenizer(), max_length=d.max_length, text=d.text)
+    if tasks.is_sequence(cfg.task) and d.get("target"):
+        pass  # tokenised by _text_to_text
+    elif d.kind in ("csv", "jsonl"):  # (a causal LM without targets models the text itself)
+        common.update(tokenizer=tokenizer_for(cfg, model), max_length=d.max_length, text=d.text)
     else:
         common.update(image_size=d.image_size, image_options=dict(d.get("image_options", {}) or {}))
     return common
@@ -113,6 +136,10 @@ def build_data(cfg, model: Model) -> Data:
         keep = np.random.default_rng(cfg.seed).permutation(len(val_src))[: d.max_eval_examples]
         val_src = val_src.select(np.sort(keep))
     common = _preprocessing(cfg, model)
+    raw = {"train_source": train_src, "test_source": test_src}
+    class_targets = None
+    if tasks.is_sequence(cfg.task) and d.get("target"):
+        (train_src, val_src, test_src), class_targets = _text_to_text(cfg, model, (train_src, val_src, test_src))
     train = data_lib.make_pipeline(train_src, global_batch_size=d.batch_size, train=True,
                                        mixup_alpha=d.get("mixup_alpha", 0.0),
                                        num_classes=cfg.model.num_classes, **common)
@@ -120,8 +147,34 @@ def build_data(cfg, model: Model) -> Data:
     test = data_lib.make_pipeline(test_src, global_batch_size=d.eval_batch_size, train=False, **common)
     names = getattr(train_src, "label_names", None) or (tuple(d.label_names) if d.get("label_names") else None)
     data = Data(train, val, test, tuple(names) if names else None, _labels(train_src),
-                _labels(test_src), sizes, extra={"train_source": train_src, "test_source": test_src})
+                _labels(test_src), sizes, extra=raw, class_targets=class_targets)
     return with_target(cfg, model, data) if objective.has_target(cfg) else data
+
+
+def _text_to_text(cfg, model: Model, splits):
+    """Tokenise each split as text-to-text examples (:func:`jaxfer.data.text.tokenize_text_to_text`):
+    ``data.target == "label_words"`` makes each example's class name its target (returned
+    tokenised per class, for the metrics), else ``data.target`` names the target text column."""
+    d = cfg.data
+    tok = tokenizer_for(cfg, model)
+    eos = objective.eos_id(model)
+    names = tuple(d.get("label_names") or ()) or getattr(splits[0], "label_names", None)
+    if d.target == "label_words" and not names:
+        raise ValueError("data.target='label_words' needs data.label_names")
+    out = []
+    for src in splits:
+        targets = ([names[i] for i in src.columns["label"]] if d.target == "label_words"
+                   else [str(t) for t in src.columns[d.target]])
+        out.append(data_lib.tokenize_text_to_text(
+            src, tok, targets, layout=cfg.task, eos_id=eos, max_length=d.max_length,
+            target_length=d.target_length, text=d.text, prompt=d.get("prompt") or ""))
+    class_targets = None
+    if d.target == "label_words":
+        class_targets = tuple(tuple(tok(n, add_special_tokens=False)["input_ids"][: d.target_length - 1])
+                              for n in names)
+        if len(set(class_targets)) != len(class_targets):
+            raise ValueError(f"label words {names} do not tokenise to distinct targets: {class_targets}")
+    return tuple(out), class_targets
 
 
 def with_target(cfg, model: Model, data: Data) -> Data:
@@ -161,7 +214,9 @@ def _rules(cfg) -> list[tuple[str, Any]]:
 def build_peft(cfg, model: Model) -> peft_lib.Peft:
     """``transfer.lora/adapters/l2sp/bss/distill``: the params to train (base + LoRA factors,
     adapters, a teacher copy) and what wraps the apply_fn, loss and optimizer."""
-    return peft_lib.from_config(cfg, model.params, pooling=head_for(cfg).pooling or model.family.default_pooling)
+    head = head_for(cfg)
+    return peft_lib.from_config(cfg, model.params,
+                                pooling=getattr(head, "pooling", None) or model.family.default_pooling)
 
 
 def build_optimizer(cfg, model: Model, regularizer=None):
@@ -220,7 +275,8 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     train_step = strategy.train_step(apply_fn, peft.train_loss(loss_fn), tx, trainable,
                                      micro_batches=cfg.optim.get("accumulate", 1) or 1,
                                      lr_schedule=schedule)
-    eval_step = strategy.eval_step(apply_fn, eval_loss_fn, **objective.eval_step_kwargs(cfg))
+    eval_step = strategy.eval_step(objective.eval_apply(cfg, apply_fn, model), eval_loss_fn,
+                                   **objective.eval_step_kwargs(cfg))
     ckpt = checkpointer(cfg, workdir, trainable, strategy) if workdir else None
     return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,
                trainable, strategy, peft)
@@ -260,8 +316,9 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     for line in run.peft.methods:
         _log(f"transfer: {line}")
     _log(f"data: {run.data.sizes}")
-    if workdir:  # what predict/serve/export need besides the checkpoint: tokenizer, label names
+    if workdir and not tasks.is_sequence(cfg.task):  # what predict/serve/export need: tokenizer, labels
         deploy.save_spec(workdir, cfg, run.model, run.data.label_names, cfg.task)
+    metrics_fn = objective.metrics_fn(cfg, model=run.model, data=run.data)
     state, history = loop.fit(
         run.state, run.train_step, run.data.train, steps=cfg.train.steps,
         eval_step=run.eval_step, eval_batches=run.data.validation,
@@ -269,22 +326,22 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         workdir=workdir, checkpointer=run.checkpointer, checkpoint_every=cfg.train.checkpoint_every,
         log_every=cfg.train.log_every, best_metric=cfg.train.best_metric,
         best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
-        max_nonfinite_skips=cfg.train.get("max_nonfinite_skips", 5), config=cfg.to_dict(), shard_batch=run.shard_batch, progress=progress,
-        metrics_fn=objective.metrics_fn(cfg))
+        max_nonfinite_skips=cfg.train.get("max_nonfinite_skips", 5), config=cfg.to_dict(),
+        shard_batch=run.shard_batch, progress=progress, metrics_fn=metrics_fn)
     trained_steps = loop.current_step(state)
     if run.checkpointer is not None and run.checkpointer.best_step() is not None:
         state, _, _ = run.checkpointer.restore(state, best=True)  # best by validation
     state = adapted(run, state)
     test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
-                         label_names=run.data.label_names, shard_batch=run.shard_batch,
-                         metrics_fn=objective.metrics_fn(cfg))
+                         label_names=run.data.label_names, shard_batch=run.shard_batch, metrics_fn=metrics_fn)
     result = {"test": test, "seconds": time.time() - t0, "steps": trained_steps,
               "tested_step": loop.current_step(state)}
     if "source_test" in run.data.extra:  # domain adaptation: "test" is the target domain's
         result["source_test"] = loop.evaluate(state, run.eval_step, run.data.extra["source_test"],
                                               task=cfg.task, label_names=run.data.label_names,
                                               shard_batch=run.shard_batch)
-    if (cfg.task == "classification" and objective.task_list(cfg) is None
+    classes = cfg.task == "classification" or run.data.class_targets is not None  # label words: classes too
+    if (classes and objective.task_list(cfg) is None
             and run.data.train_labels is not None and run.data.test_labels is not None):
         result["majority_baseline"] = metrics.majority_baseline(
             run.data.train_labels, run.data.test_labels, cfg.model.num_classes)
@@ -302,7 +359,7 @@ def evaluate(cfg, workdir: str, split: str = "test") -> dict[str, Any]:
     batches = {"test": run.data.test, "validation": run.data.validation}[split]
     return loop.evaluate(adapted(run, run.state), run.eval_step, batches, task=cfg.task,
                          label_names=run.data.label_names, shard_batch=run.shard_batch,
-                         metrics_fn=objective.metrics_fn(cfg))
+                         metrics_fn=objective.metrics_fn(cfg, model=run.model, data=run.data))
 
 
 def adapted(run: Run, state):
@@ -331,6 +388,8 @@ def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[s
         params = model.params
     if jax.process_count() == 1:
         params = jax.device_get(params)
+    if tasks.is_sequence(cfg.task):
+        return generate_texts(cfg, model, params, texts)
     batch = data_lib.tokenize_texts(list(texts), model.tokenizer(), cfg.data.max_length)
     logits = np.asarray(model.apply(params, **batch)["logits"])
     probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -339,6 +398,29 @@ def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[s
     return [{"text": t, "label": str(names[int(p.argmax())]),
              "probs": {str(n): round(float(q), 4) for n, q in zip(names, p)}}
             for t, p in zip(texts, probs)]
+
+
+def generate_texts(cfg, model: Model, params, texts: Sequence[str]) -> list[dict[str, Any]]:
+    """What a text-to-text model writes for each of ``texts`` (the recipe's prompt and
+    ``generate`` settings; greedy for ``data.target_length`` tokens without them); with
+    label words, ``label`` is the class it names (None for anything else)."""
+    tok = tokenizer_for(cfg, model)
+    eos = objective.eos_id(model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.convert_ids_to_tokens(eos)
+    prompt = cfg.data.get("prompt") or ""
+    batch = data_lib.tokenize_texts([prompt + t for t in texts], tok, cfg.data.max_length)
+    settings = objective.generate_settings(cfg, model) or generation.settings_for(model.config,
+                                                                                  cfg.data.target_length)
+    out = generation.generate(model, batch["input_ids"], batch["attention_mask"], params=params,
+                              **dataclasses.asdict(settings))["tokens"]
+    names = tuple(cfg.data.get("label_names") or ())
+    rows = []
+    for t, row in zip(texts, out):
+        words = tok.decode(list(metrics.sequence(row, eos)), skip_special_tokens=True).strip()
+        label = {"label": words if words in names else None} if cfg.data.get("target") == "label_words" else {}
+        rows.append({"text": t, "generated": words, **label})
+    return rows
 
 
 # --------------------------------------------------------------- reporting

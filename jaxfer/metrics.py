@@ -18,7 +18,9 @@ Conventions:
 * multi-label predictions are ``logits > 0`` (probability above 0.5).
 * regression and multi-label rows whose target holds a NaN have no label and
   are left out (as classification rows with a negative label).
-* ``task`` is a kind from :data:`jaxfer.tasks.KINDS`.
+* ``task`` is a kind from :data:`jaxfer.tasks.KINDS`; sequence kinds (causal LM,
+  seq2seq) report :func:`sequence_report` from per-example sums and generated
+  tokens (perplexity, token accuracy, exact match, BLEU, label-word accuracy).
 """
 
 from __future__ import annotations
@@ -225,6 +227,118 @@ def regression_report(targets, predictions) -> dict[str, Any]:
         "r2": 1.0 - sse / sst if sst > 0 else 0.0,
         "num_examples": int(t.shape[0]) if t.ndim else 1,
     }
+
+
+# ---------------------------------------------------------------- sequences
+def perplexity(loss_sum, tokens) -> float:
+    """``exp(sum of token losses / number of tokens)`` (natural log; inf past exp's range)."""
+    total = float(np.sum(tokens))
+    if total <= 0:
+        raise ValueError("perplexity of no tokens")
+    with np.errstate(over="ignore"):
+        return float(np.exp(float(np.sum(loss_sum)) / total))
+
+
+def sequence(tokens, eos_id: int | None = None) -> tuple[int, ...]:
+    """A row of token ids as a tuple: ``-100`` (no target) dropped, cut before the first EOS."""
+    out = []
+    for t in np.asarray(tokens).reshape(-1).tolist():
+        if eos_id is not None and t == eos_id:
+            break
+        if t != -100:
+            out.append(int(t))
+    return tuple(out)
+
+
+def exact_match(predictions: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> float:
+    """Fraction of predictions equal to their reference (token sequences; 0.0 for none)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    return float(np.mean([tuple(p) == tuple(r) for p, r in zip(predictions, references)])) if references else 0.0
+
+
+def _ngrams(tokens: Sequence[int], n: int) -> dict[tuple[int, ...], int]:
+    counts: dict[tuple[int, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+    return counts
+
+
+def bleu(predictions: Sequence[Sequence[int]], references: Sequence[Sequence[int]], max_order: int = 4,
+         smooth: bool = True) -> float:
+    """Corpus BLEU of token sequences (Papineni et al. 2002), one reference each.
+
+    ``BP * exp(mean_n log p_n)``, ``p_n`` the clipped n-gram precision of order
+    ``n = 1..max_order`` pooled over the corpus, ``BP = min(1, exp(1 - r / c))`` for
+    reference length ``r`` and prediction length ``c``. ``smooth`` adds one to the
+    matches and candidates of orders above 1 (Lin and Och's smoothing), so short
+    outputs (label words) do not score 0 for lacking 4-grams. In [0, 1].
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    matches, candidates = np.zeros(max_order), np.zeros(max_order)
+    pred_len = ref_len = 0
+    for pred, ref in zip(predictions, references):
+        pred_len, ref_len = pred_len + len(pred), ref_len + len(ref)
+        for n in range(1, max_order + 1):
+            p, r = _ngrams(pred, n), _ngrams(ref, n)
+            matches[n - 1] += sum(min(c, r.get(g, 0)) for g, c in p.items())
+            candidates[n - 1] += max(len(pred) - n + 1, 0)
+    if pred_len == 0:
+        return 0.0
+    if smooth:
+        matches[1:] += 1
+        candidates[1:] += 1
+    if (matches == 0).any():
+        return 0.0
+    log_precision = float(np.mean(np.log(matches / candidates)))
+    brevity = min(1.0, float(np.exp(1.0 - ref_len / pred_len)))
+    return brevity * float(np.exp(log_precision))
+
+
+def sequence_report(outputs: dict[str, np.ndarray], *, eos_id: int | None = None,
+                    class_targets: Sequence[Sequence[int]] | None = None,
+                    label_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Metrics of a sequence task from per-example outputs gathered on the host.
+
+    ``outputs`` (one row per example): ``loss`` and ``weight`` (sums of token losses
+    and token counts), ``token_correct`` (targets the argmax predicts) -> ``perplexity``
+    and ``token_accuracy``. With ``generated`` (new token ids) and ``target_ids``
+    (reference tokens, ``-100`` padding) -> ``exact_match`` and ``bleu``, both up to
+    the first ``eos_id``. With ``class_targets`` (one token sequence per class: the
+    label words) and the class ids ``label`` -> a generated sequence is the class whose
+    words it spells, else ``"(other)"``: ``accuracy``, ``macro_f1``, the per-class
+    report (an ``(other)`` row) and ``other_rate``.
+    """
+    report: dict[str, Any] = {}
+    if "weight" in outputs and float(np.sum(outputs["weight"])) > 0:
+        report["perplexity"] = perplexity(outputs["loss"], outputs["weight"])
+        if "token_correct" in outputs:
+            report["token_accuracy"] = float(np.sum(outputs["token_correct"]) / np.sum(outputs["weight"]))
+    if "generated" not in outputs:
+        return report
+    preds = [sequence(row, eos_id) for row in outputs["generated"]]
+    if "target_ids" in outputs:
+        refs = [sequence(row, eos_id) for row in outputs["target_ids"]]
+        report["exact_match"] = exact_match(preds, refs)
+        report["bleu"] = bleu(preds, refs)
+    if class_targets is not None and "label" in outputs:
+        lookup = {tuple(t): i for i, t in enumerate(class_targets)}
+        other = len(class_targets)
+        pred_ids = np.array([lookup.get(p, other) for p in preds], np.int64)
+        names = list(label_names) if label_names is not None else [str(i) for i in range(other)]
+        labels = np.asarray(outputs["label"]).astype(np.int64).reshape(-1)
+        keep = labels >= 0
+        full = classification_report(labels[keep], pred_ids[keep], names + ["(other)"], num_classes=other + 1)
+        report.update({k: v for k, v in full.items() if k != "num_examples"})
+        # macro-F1 over the real classes (as a classifier's), an "(other)" output counting as a miss
+        confusion = np.asarray(full["confusion_matrix"])
+        f1 = precision_recall_f1(confusion)[2][:other]
+        present = _present(confusion)[:other]
+        report["macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
+        report["other_rate"] = float(np.mean(pred_ids[keep] == other)) if keep.any() else 0.0
+    return report
 
 
 # ------------------------------------------------------------------ dispatch

@@ -1,6 +1,6 @@
 """What a recipe optimises and how it is judged: config -> head, losses, evaluation hook.
 
-Three shapes of recipe, each switched on by its config section:
+Four shapes of recipe, each switched on by its config section:
 
 * one task (``c.task``, a kind from :data:`jaxfer.tasks.KINDS`, and
   ``c.model.num_classes``): a ``heads.Classifier``, ``losses.for_task``,
@@ -16,7 +16,12 @@ Three shapes of recipe, each switched on by its config section:
   to read the target domain): an ``adapt.DomainClassifier`` and the method's
   term (weight ``c.adapt.weight``) added to the loss of labelled source rows.
   ``"none"`` trains on the source alone: source-only and adapted runs differ by
-  this one key.
+  this one key;
+* a sequence task (``c.task`` in :data:`jaxfer.tasks.SEQUENCE_KINDS`: ``causal_lm``,
+  ``seq2seq``): no head (the model's own LM head), ``losses.for_task``, an evaluation
+  that adds per-example token counts and, with a ``c.generate`` section
+  (``max_new_tokens``, ``strategy``, ...), generated tokens, judged by
+  :func:`jaxfer.metrics.sequence_report` (:mod:`jaxfer.train.sequence`).
 
 ``experiment`` calls these; they are the whole difference between the shapes.
 """
@@ -25,9 +30,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxfer import generation
 from jaxfer import tasks as tasks_lib
 from jaxfer.models import heads
-from jaxfer.train import losses
+from jaxfer.train import losses, sequence
 from jaxfer.transfer import adapt, multitask, regularizers
 
 
@@ -75,7 +81,9 @@ def target_config(cfg):
 
 # ------------------------------------------------------------------ objects
 def head(cfg):
-    """The head the recipe trains (see the module doc)."""
+    """The head the recipe trains (see the module doc); ``None`` for a sequence task."""
+    if tasks_lib.is_sequence(cfg.task):
+        return None
     m = cfg.model
     common = {"pooling": m.get("pooling") or None, "dropout_rate": m.get("head_dropout", None)}
     task_rows = task_list(cfg)
@@ -106,12 +114,44 @@ def loss_fns(cfg):
 
 
 def eval_step_kwargs(cfg) -> dict[str, Any]:
+    if tasks_lib.is_sequence(cfg.task):  # per-example sums and tokens, never logits
+        generates = bool(cfg.get("generate") and cfg.generate.get("max_new_tokens"))
+        return {"output_keys": sequence.output_keys(generates), "label_key": sequence.LABEL_KEYS}
     task_rows = task_list(cfg)
     return {} if task_rows is None else {"label_key": multitask.label_keys(task_rows)}
 
 
-def metrics_fn(cfg):
-    """The evaluation hook for ``loop.evaluate`` (``None``: the single-task default)."""
+def eos_id(model) -> int:
+    """The model config's EOS id (a text-to-text recipe needs one)."""
+    eos = generation.settings_for(model.config, 1).eos_token_id
+    if eos is None:
+        raise ValueError("a text-to-text recipe needs an eos_token_id in the model config")
+    return eos
+
+
+def generate_settings(cfg, model) -> generation.Settings | None:
+    """The recipe's ``generate`` section as :class:`jaxfer.generation.Settings` (None without one)."""
+    g = cfg.get("generate")
+    if not g or not g.get("max_new_tokens"):
+        return None
+    kw = {k: v for k, v in g.to_dict().items() if k != "max_new_tokens"}
+    return generation.settings_for(model.config, g.max_new_tokens, **kw)
+
+
+def eval_apply(cfg, apply_fn, model):
+    """The evaluation's ``apply_fn``: for a sequence task with token counts and generated
+    tokens added (:func:`jaxfer.train.sequence.eval_apply`), else ``apply_fn``."""
+    if not tasks_lib.is_sequence(cfg.task):
+        return apply_fn
+    return sequence.eval_apply(apply_fn, model.module, cfg.task, generate_settings(cfg, model))
+
+
+def metrics_fn(cfg, *, model=None, data=None):
+    """The evaluation hook for ``loop.evaluate`` (``None``: the single-task default). A
+    sequence task's needs the ``model`` (its EOS id) and the ``data`` (label words' tokens)."""
+    if tasks_lib.is_sequence(cfg.task):
+        return sequence.metrics_fn(eos_id=eos_id(model), class_targets=getattr(data, "class_targets", None),
+                                   label_names=getattr(data, "label_names", None))
     task_rows = task_list(cfg)
     return None if task_rows is None else multitask.metrics_fn(task_rows)
 

@@ -11,6 +11,21 @@ multi_label        logits of ``n`` yes/no labels    sigmoid cross-entropy       
 regression         ``n`` real values                squared error               mse, rmse, mae, r2
 =================  ==============================  ==========================  =========================
 
+Generative models have sequence kinds instead (:data:`SEQUENCE_KINDS`): their
+outputs are the model's own token logits ``[B, T, vocab]`` (GPT-2, T5: no head is
+attached) and their metrics come from per-example sums computed on the device
+and from generated tokens (:mod:`jaxfer.train.sequence`), never from logits
+gathered on the host:
+
+=================  ==============================  ==========================  =========================
+kind               targets                          loss                        metrics
+=================  ==============================  ==========================  =========================
+causal_lm          the next token (``labels`` or    token cross-entropy         perplexity, token
+                   ``input_ids``, shifted)                                      accuracy; generated:
+seq2seq            ``labels`` (decoder targets)     token cross-entropy         exact match, BLEU, class
+                                                                                accuracy for label words
+=================  ==============================  ==========================  =========================
+
 Every function that takes a ``task=`` argument (``heads.Classifier``,
 ``losses.for_task``, ``metrics.compute``, ``export``, a recipe's ``c.task``)
 takes one of :data:`KINDS`.
@@ -28,6 +43,7 @@ import dataclasses
 from collections.abc import Sequence
 
 KINDS = ("classification", "multi_label", "regression")
+SEQUENCE_KINDS = ("causal_lm", "seq2seq")
 
 
 def check_kind(kind: str) -> str:
@@ -35,6 +51,18 @@ def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown task {kind!r}; choose one of {KINDS}")
     return kind
+
+
+def check_any_kind(kind: str) -> str:
+    """``kind`` if it is a head kind or a sequence kind, else a ``ValueError`` naming them all."""
+    if kind not in KINDS + SEQUENCE_KINDS:
+        raise ValueError(f"unknown task {kind!r}; choose one of {KINDS + SEQUENCE_KINDS}")
+    return kind
+
+
+def is_sequence(kind: str) -> bool:
+    """Whether ``kind`` is a sequence kind (a generative model's own logits, no head)."""
+    return check_any_kind(kind) in SEQUENCE_KINDS
 
 
 @dataclasses.dataclass(frozen=True)

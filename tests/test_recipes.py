@@ -19,6 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
     "minilm_tweets.py": ("full", "top2", "probe", "lora", "bitfit", "l2sp", "scratch"),
     "vit_cifar10.py": ("full", "probe", "pod", "scratch"),
+    # trained from scratch at their tiny sizes in tests/test_text_to_text.py ("pretrained" needs the hub)
+    "t5_tweets.py": ("tiny", "tiny_classifier"),
+    "gpt2_tweets.py": ("tiny", "lm"),
 }
 
 

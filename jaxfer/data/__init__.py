@@ -15,5 +15,5 @@ from jaxfer.data.sources import (ArraySource, ImageFolderSource, encode_labels, 
                                  from_records, gather, read_csv, read_image_folder, read_jsonl,
                                  stack)
 from jaxfer.data.split import local_batch_size, shard_indices, shard_sizes, split_indices
-from jaxfer.data.text import load_tokenizer, tokenize, tokenize_texts
+from jaxfer.data.text import load_tokenizer, tokenize, tokenize_text_to_text, tokenize_texts
 from jaxfer.data.tfds_source import TfdsSource

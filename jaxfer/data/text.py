@@ -76,3 +76,72 @@ def tokenize(
                             chunk_size=chunk_size)
     out = source.with_columns(**tokens)
     return out if keep_text else out.without(*[c for c in (text, text_pair) if c])
+
+
+LAYOUTS = ("seq2seq", "causal_lm")
+
+
+def tokenize_text_to_text(
+    source: ArraySource,
+    tokenizer: Any,
+    targets: Sequence[str],
+    *,
+    layout: str,
+    eos_id: int,
+    max_length: int,
+    target_length: int,
+    text: str = "text",
+    prompt: str = "",
+    pad_id: int | None = None,
+) -> ArraySource:
+    """Text-to-text examples: ``prompt + text`` in, ``targets[i]`` (a string per row) out.
+
+    Targets are tokenised without special tokens and end with ``eos_id``, cut to
+    ``target_length`` tokens; ``target_ids`` ``(n, target_length)`` holds them,
+    ``-100`` after. The inputs, by ``layout``:
+
+    * ``"seq2seq"`` (T5): ``input_ids``/``attention_mask`` ``(n, max_length)`` of the input;
+      ``labels`` = ``target_ids`` (the model shifts them right into its decoder);
+    * ``"causal_lm"`` (GPT-2): one sequence ``input + target`` of ``max_length +
+      target_length`` tokens, right-padded (``input_ids``, ``attention_mask``), with
+      ``labels`` ``-100`` except on the target tokens (the loss is the answer's alone),
+      and ``prompt_ids``/``prompt_mask`` ``(n, max_length)``: the input alone, for generation.
+
+    Padding uses ``pad_id`` (default the tokenizer's pad, else ``eos_id``); the text
+    column is replaced, the others (``label`` ...) kept.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown text-to-text layout {layout!r}; choose one of {LAYOUTS}")
+    tok = load_tokenizer(tokenizer)
+    if len(targets) != len(source):
+        raise ValueError(f"{len(targets)} targets for {len(source)} examples")
+    if pad_id is None:
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+    if tok.pad_token_id is None:  # GPT-2's tokenizer has no pad token; padding needs one
+        tok.pad_token = tok.convert_ids_to_tokens(eos_id)
+    texts = [prompt + str(t) for t in source.columns[text]]
+    inputs = tokenize_texts(texts, tok, max_length)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    ids = np.where(mask > 0, ids, pad_id).astype(np.int32)
+    n = len(texts)
+    target_ids = np.full((n, target_length), -100, np.int32)
+    vocab = {t: tok(t, add_special_tokens=False)["input_ids"] for t in set(map(str, targets))}
+    for i, t in enumerate(map(str, targets)):
+        row = list(vocab[t])[: target_length - 1] + [eos_id]
+        target_ids[i, : len(row)] = row
+    if layout == "seq2seq":
+        return source.with_columns(input_ids=ids, attention_mask=mask.astype(np.int32), labels=target_ids,
+                                   target_ids=target_ids).without(text)
+    length = max_length + target_length
+    seq = np.full((n, length), pad_id, np.int32)
+    seq_mask = np.zeros((n, length), np.int32)
+    labels = np.full((n, length), -100, np.int32)
+    for i in range(n):
+        real = ids[i][mask[i] > 0]
+        answer = target_ids[i][target_ids[i] != -100]
+        k, m = len(real), len(answer)
+        seq[i, :k], seq[i, k:k + m] = real, answer
+        seq_mask[i, : k + m] = 1
+        labels[i, k:k + m] = answer
+    return source.with_columns(input_ids=seq, attention_mask=seq_mask, labels=labels, target_ids=target_ids,
+                               prompt_ids=ids, prompt_mask=mask.astype(np.int32)).without(text)

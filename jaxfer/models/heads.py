@@ -187,13 +187,21 @@ def train_kwarg(module: nn.Module, train: bool) -> dict[str, bool]:
     return {}
 
 
+def _accepted(module: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword ``inputs`` that ``module.__call__`` takes (all of them if it takes ``**kwargs``)."""
+    params = inspect.signature(type(module).__call__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(inputs)
+    return {k: v for k, v in inputs.items() if k in params}
+
+
 class TaskModel(nn.Module):
     """``backbone`` under ``prefix`` and ``head`` under ``head_name``.
 
-    ``__call__(*args, train=False, **inputs)`` passes everything to the backbone
-    and returns its output dict plus ``logits`` (or plus the head's own dict of
-    outputs); the head sees ``inputs["attention_mask"]`` when given by keyword
-    (for ``"mean"`` pooling).
+    ``__call__(*args, train=False, **inputs)`` passes to the backbone the inputs it
+    takes (a tokenizer's ``token_type_ids`` do not reach GPT-2 or T5) and returns
+    its output dict plus ``logits`` (or plus the head's own dict of outputs); the
+    head sees ``inputs["attention_mask"]`` when given by keyword (for ``"mean"`` pooling).
     """
 
     backbone: nn.Module
@@ -205,7 +213,7 @@ class TaskModel(nn.Module):
     def __call__(self, *args, train: bool = False, **inputs: Any):
         backbone = self.backbone.clone(parent=self, name=self.prefix)
         head = self.head.clone(parent=self, name=self.head_name)
-        outputs = dict(backbone(*args, **inputs, **train_kwarg(self.backbone, train)))
+        outputs = dict(backbone(*args, **_accepted(self.backbone, inputs), **train_kwarg(self.backbone, train)))
         out = head(outputs, inputs.get("attention_mask"), **train_kwarg(self.head, train))
         if isinstance(out, Mapping):
             outputs.update(out)

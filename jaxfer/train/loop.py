@@ -121,9 +121,10 @@ def evaluate(state, eval_step: EvalStep, batches: Iterable[Batch], *,
     :func:`predict` (the evaluation hook: a multitask model's is
     :func:`jaxfer.transfer.multitask.metrics_fn`), by default
     ``jaxfer.metrics.compute(task, outputs["logits"], outputs["label"], label_names)``.
-    ``loss`` is the mean of the per-example ``loss`` weighted by ``weight``
-    (1 when absent) over real rows; every example counts exactly once, padding
-    rows (``mask == 0``) and, across processes, duplicates never.
+    ``loss`` is ``sum(loss) / sum(weight)`` over real rows (``make_eval_step`` returns
+    each row's weighted loss sum and weight sum: one example's loss and 1, or its
+    token losses and token count), the plain mean without ``weight``; every example
+    counts exactly once, padding rows (``mask == 0``) and, across processes, duplicates never.
     """
     outputs = predict(state, eval_step, batches, shard_batch=shard_batch)
     if not outputs:
@@ -134,7 +135,7 @@ def evaluate(state, eval_step: EvalStep, batches: Iterable[Batch], *,
         report = metrics_lib.compute(task, outputs["logits"], outputs["label"], label_names)
     else:
         report = dict(metrics_fn(outputs))
-    report["loss"] = float((loss * weight).sum() / weight.sum()) if weight.sum() > 0 else 0.0
+    report["loss"] = float(loss.sum() / weight.sum()) if weight.sum() > 0 else 0.0
     report["num_examples"] = int(len(loss))
     return report
 

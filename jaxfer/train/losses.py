@@ -10,6 +10,7 @@ runs exact: the total weight is only known once every part has been summed.
 
     loss_fn = softmax_cross_entropy(label_smoothing=0.1)
     loss_fn = for_task("regression")          # a kind from jaxfer.tasks.KINDS
+    loss_fn = for_task("causal_lm")           # or a sequence kind: per-token losses [B, T]
 
 Rows whose label is missing get weight 0: an integer class id equal to
 ``ignore_index`` (-100), or a float target that is NaN (regression, multi-label).
@@ -110,18 +111,80 @@ def mean_squared_error(logits_key: str = "logits", label_key: str = "label") -> 
     return loss_fn
 
 
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
+                        ignore_index: int = IGNORE_INDEX) -> tuple[jax.Array, jax.Array]:
+    """``(losses, weights)`` of integer targets ``labels [..., T]`` under ``logits [..., T, V]``.
+
+    ``-log softmax(logits)[label]`` without a one-hot ``[..., T, V]`` array (vocabularies
+    are large); with smoothing ``s``: ``(1 - s) * nll + s * mean_v(-log p_v)``, the
+    cross-entropy against ``(1 - s) * onehot + s / V``. ``ignore_index`` targets weigh 0.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    labels = jnp.asarray(labels)
+    valid = labels != ignore_index
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    losses = log_z - picked
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * (log_z - logits.mean(-1))
+    return losses, valid.astype(jnp.float32)
+
+
+def shifted_targets(batch: Mapping[str, Any], label_key: str = "labels") -> jax.Array:
+    """Next-token targets ``[B, T - 1]`` of a causal LM: ``labels[:, 1:]`` (``-100`` where
+    no loss is wanted: prompt, padding), else ``input_ids[:, 1:]`` with padding
+    (``attention_mask == 0``) set to ``-100``."""
+    if label_key in batch:
+        return jnp.asarray(batch[label_key])[:, 1:]
+    targets = jnp.asarray(batch["input_ids"])[:, 1:]
+    if "attention_mask" in batch:
+        targets = jnp.where(jnp.asarray(batch["attention_mask"])[:, 1:] > 0, targets, IGNORE_INDEX)
+    return targets
+
+
+def causal_lm(label_smoothing: float = 0.0, logits_key: str = "logits", label_key: str = "labels") -> LossFn:
+    """Causal language modelling: position ``t`` predicts token ``t + 1``.
+
+    ``losses, weights`` are ``[B, T - 1]``: the token cross-entropy of
+    ``logits[:, :-1]`` against :func:`shifted_targets` (HF's ``labels`` convention:
+    ``labels`` may equal ``input_ids``, the shift happens here). The step's
+    weighted mean is the mean over every target token of the batch.
+    """
+
+    def loss_fn(outputs, batch):
+        return token_cross_entropy(outputs[logits_key][:, :-1], shifted_targets(batch, label_key), label_smoothing)
+
+    return loss_fn
+
+
+def seq2seq(label_smoothing: float = 0.0, logits_key: str = "logits", label_key: str = "labels") -> LossFn:
+    """Teacher-forced sequence to sequence: the decoder's ``logits [B, T, V]`` against the
+    target tokens ``labels [B, T]`` (``-100`` padding), which the model also reads,
+    shifted right, as its decoder inputs. ``losses, weights`` are ``[B, T]``."""
+
+    def loss_fn(outputs, batch):
+        return token_cross_entropy(outputs[logits_key], batch[label_key], label_smoothing)
+
+    return loss_fn
+
+
 _BY_TASK: dict[str, Callable[..., LossFn]] = {
     "classification": softmax_cross_entropy,
     "multi_label": sigmoid_binary_cross_entropy,
     "regression": mean_squared_error,
+    "causal_lm": causal_lm,
+    "seq2seq": seq2seq,
 }
-assert tuple(_BY_TASK) == tasks.KINDS
+assert tuple(_BY_TASK) == tasks.KINDS + tasks.SEQUENCE_KINDS
 
 
 def for_task(task: str, **kwargs: Any) -> LossFn:
-    """The loss for a task kind (``"classification"``, ``"multi_label"``, ``"regression"``).
+    """The loss for a task kind (``"classification"``, ``"multi_label"``, ``"regression"``,
+    or a sequence kind: ``"causal_lm"``, ``"seq2seq"``).
 
-    ``kwargs`` go to the builder (``label_smoothing=0.1`` for classification,
-    ``logits_key``/``label_key`` for any).
+    ``kwargs`` go to the builder (``label_smoothing=0.1`` for classification and the
+    sequence kinds, ``logits_key``/``label_key`` for any).
     """
-    return _BY_TASK[tasks.check_kind(task)](**kwargs)
+    return _BY_TASK[tasks.check_any_kind(task)](**kwargs)

@@ -283,3 +283,34 @@ def load(source: str | os.PathLike, head: nn.Module | str | None = None, *,
                                           else place(coll, path, value, target))
     variables = {c: tree.unflatten(vs) for c, vs in out.items()}
     return Model(module=module, variables=variables, config=config, family=family, report=report, source=src)
+
+
+def init_model(config: Any, head: nn.Module | None = None, *, rng: jax.Array | int = 0, dtype: Any = None,
+               tokenizer: str | os.PathLike | None = None,
+               place: Callable[[str, str, Any, Any], jax.Array] | None = None) -> Model:
+    """A model of ``config`` (HF config or dict with ``model_type``) with random weights:
+    training from scratch, where no pretrained weights exist (never what :func:`load`
+    does silently). Every leaf is listed in ``report.initialized``.
+
+    ``tokenizer``: a folder with tokenizer files, what ``model.tokenizer()`` reads (and
+    ``jf.save`` copies). ``head``, ``dtype``, ``place`` as for :func:`load`.
+    """
+    family = registry.get(sources.model_type(config))
+    module = family.build(config)
+    if head is not None:
+        module = TaskModel(module, _with_defaults(head, family, config), prefix=family.base_model_prefix,
+                           head_name=HEAD_NAME)
+    variables = _init(module, family, config, rng)
+    report = strict.LoadReport(source="random initialisation", format="none")
+    out: dict[str, dict[str, Any]] = {}
+    for coll, leaves in variables.items():
+        for path, value in tree.flatten(leaves).items():
+            report.initialized.append(strict.show((coll, path)))
+            target = value.dtype
+            if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
+                target = jnp.dtype(dtype)
+            out.setdefault(coll, {})[path] = (jnp.asarray(value, dtype=target) if place is None
+                                              else place(coll, path, np.asarray(value), target))
+    variables = {c: tree.unflatten(vs) for c, vs in out.items()}
+    source = None if tokenizer is None else Path(tokenizer)
+    return Model(module=module, variables=variables, config=config, family=family, report=report, source=source)
