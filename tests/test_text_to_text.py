@@ -70,3 +70,22 @@ def test_gpt2_text_to_text_and_language_model(tweets, tmp_path):
                 "--config.train.eval_every=20", "--config.model.scratch.n_embd=16", "--config.model.scratch.n_layer=1")
     assert set(lm["test"]) >= {"perplexity", "token_accuracy", "loss"} and "accuracy" not in lm["test"]
     assert 1 < lm["test"]["perplexity"] < 30522 and "majority_baseline" not in lm
+
+
+def test_readme_generation_example_runs(tmp_path):
+    """The README's generation block, on a tiny GPT-2 (with a word tokenizer) for the hub's."""
+    import re
+
+    import torch
+    import transformers
+
+    path = stand_ins.word_tokenizer(str(tmp_path / "gpt2"), ["the weather today", "my favourite film"])
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                     bos_token_id=2, eos_token_id=2, pad_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "generate(" in b]
+    namespace: dict = {}
+    exec(compile(block.replace('"openai-community/gpt2"', repr(path)), "README.md", "exec"), namespace)
+    assert namespace["greedy"]["tokens"].shape == namespace["beams"]["tokens"].shape == (2, 20)
