@@ -26,6 +26,17 @@ seq2seq            ``labels`` (decoder targets)     token cross-entropy         
                                                                                 accuracy for label words
 =================  ==============================  ==========================  =========================
 
+A head may also score every frame of an utterance against an unaligned target
+sequence (:data:`FRAME_KINDS`; speech recognition, ``heads.CTCHead``):
+
+=================  ==============================  ==========================  =========================
+kind               outputs / targets                loss                        metrics
+=================  ==============================  ==========================  =========================
+ctc                per-frame logits ``[B, T, V]``;  CTC (blank ``0``), frames   WER, CER of the greedy
+                   ``labels [B, S]`` (``-100``      past ``frame_mask`` and     decoding (repeats
+                   padding), no alignment           padded labels ignored       collapsed, blanks dropped)
+=================  ==============================  ==========================  =========================
+
 Every function that takes a ``task=`` argument (``heads.Classifier``,
 ``losses.for_task``, ``metrics.compute``, ``export``, a recipe's ``c.task``)
 takes one of :data:`KINDS`.
@@ -44,6 +55,7 @@ from collections.abc import Sequence
 
 KINDS = ("classification", "multi_label", "regression")
 SEQUENCE_KINDS = ("causal_lm", "seq2seq")
+FRAME_KINDS = ("ctc",)
 
 
 def check_kind(kind: str) -> str:
@@ -53,10 +65,17 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def check_head_kind(kind: str) -> str:
+    """``kind`` if a head may have it (:data:`KINDS` or :data:`FRAME_KINDS`), else a ``ValueError``."""
+    if kind not in KINDS + FRAME_KINDS:
+        raise ValueError(f"unknown task {kind!r}; choose one of {KINDS + FRAME_KINDS}")
+    return kind
+
+
 def check_any_kind(kind: str) -> str:
-    """``kind`` if it is a head kind or a sequence kind, else a ``ValueError`` naming them all."""
-    if kind not in KINDS + SEQUENCE_KINDS:
-        raise ValueError(f"unknown task {kind!r}; choose one of {KINDS + SEQUENCE_KINDS}")
+    """``kind`` if it is a head, sequence or frame kind, else a ``ValueError`` naming them all."""
+    if kind not in KINDS + SEQUENCE_KINDS + FRAME_KINDS:
+        raise ValueError(f"unknown task {kind!r}; choose one of {KINDS + SEQUENCE_KINDS + FRAME_KINDS}")
     return kind
 
 

@@ -11,6 +11,8 @@ A head reads that dict::
     TokenClassifier(num_classes=9)                    # per-token logits
     regressor(1), multi_label(4)                      # same Dense, other task kind
     MultiHead({"sentiment": Classifier(3), "confidence": regressor(1)})
+    CTCHead(vocab_size=30)                            # per-frame character logits (speech, task "ctc")
+    UtteranceClassifier(num_classes=10)               # projector, masked mean over frames, Dense
 
 ``task`` is a kind from :data:`jaxfer.tasks.KINDS`; it changes which loss and
 metrics go with the head (``losses.for_task``, ``metrics.compute``), not its outputs.
@@ -97,7 +99,7 @@ class Classifier(nn.Module):
     init_std: float = 0.02
 
     def __post_init__(self):
-        tasks.check_kind(self.task)
+        tasks.check_head_kind(self.task)
         super().__post_init__()
 
     @nn.compact
@@ -136,6 +138,42 @@ class TokenClassifier(Classifier):
     """Per-token logits ``(B, T, num_classes)`` (HF ``*ForTokenClassification``)."""
 
     pooling: str | None = "tokens"
+
+
+class CTCHead(Classifier):
+    """Per-frame logits ``(B, T, vocab_size)`` for CTC (HF ``Wav2Vec2ForCTC``'s ``lm_head``, with
+    its ``final_dropout``); ``blank_id`` is the CTC blank (HF's ``pad_token_id``). Its task
+    kind is ``"ctc"`` (:data:`jaxfer.tasks.FRAME_KINDS`): loss ``losses.ctc``, greedy decoding
+    and WER/CER (:mod:`jaxfer.train.transcription`)."""
+
+    pooling: str | None = "tokens"
+    task: str = "ctc"
+    blank_id: int = 0
+
+
+class UtteranceClassifier(nn.Module):
+    """HF's ``Wav2Vec2ForSequenceClassification`` head: ``projector`` (Dense to
+    ``projection_size``) on every frame, the mean over real frames (the backbone's
+    ``frame_mask``; all frames without one), dropout, then ``out`` (Dense to ``num_classes``)."""
+
+    num_classes: int
+    projection_size: int = 256
+    dropout_rate: float | None = None
+    task: str = "classification"
+    init_std: float = 0.02
+    pooling: str | None = "mean"  # over frames, fixed
+
+    def __post_init__(self):
+        tasks.check_kind(self.task)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, outputs: Mapping[str, jax.Array], attention_mask=None, *, train: bool = False):
+        init = nn.initializers.normal(self.init_std)
+        h = nn.Dense(self.projection_size, kernel_init=init, name="projector")(outputs["last_hidden_state"])
+        x = pool({"last_hidden_state": h}, "mean", outputs.get("frame_mask"))
+        x = nn.Dropout(self.dropout_rate or 0.0)(x, deterministic=not train)
+        return nn.Dense(self.num_classes, kernel_init=init, name="out")(x)
 
 
 def regressor(num_outputs: int = 1, **kw) -> Classifier:

@@ -49,6 +49,8 @@ class Family:
         ``_fc``, torchvision's ``fc``): applied to the keys ``convert`` left unused,
         they land in the head's namespace (``classifier/kernel``), so a head of the
         same size loads them and another size needs ``reinit=["classifier/**"]``.
+        Also applied first to a task checkpoint's keys beside the backbone prefix
+        (wav2vec2's ``lm_head.*``, ``projector.*``).
       feature_layers: ``config -> tuple`` of module paths inside the backbone
         whose outputs are the family's named feature maps (stage ends, shallow to
         deep; :mod:`jaxfer.models.feature_maps`).
@@ -116,7 +118,7 @@ def _import_builtin_families() -> None:
     # Imported lazily so that `import jaxfer` stays cheap; each module registers itself.
     import importlib
 
-    for name in ("bert", "vit", "resnet", "efficientnet", "gpt2", "t5", "distilbert"):
+    for name in ("bert", "vit", "resnet", "efficientnet", "gpt2", "t5", "distilbert", "wav2vec2"):
         try:
             importlib.import_module(f"jaxfer.models.{name}")
         except ModuleNotFoundError as e:  # a family not written yet

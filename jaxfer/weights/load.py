@@ -234,7 +234,14 @@ def load(source: str | os.PathLike, head: nn.Module | str | None = None, *,
     if ckpt.state_dict is not None:
         inner, rest = strip_prefix(ckpt.state_dict, prefix)
         backbone, unused = family.convert(inner, config)
-        head_vars, head_unused = apply_key_map(generic_rules(), rest)
+        if family.head_map and rest:  # the task class's own head beside the prefix (wav2vec2's lm_head)
+            own_rest, rest_unused = apply_key_map(family.head_map, rest)
+            others = {k: rest[k] for k in rest_unused}
+        else:
+            own_rest, others = {}, rest
+        head_vars, head_unused = apply_key_map(generic_rules(), others)
+        for c, vs in own_rest.items():
+            head_vars.setdefault(c, {}).update(vs)
         if family.head_map and unused:  # the checkpoint's own head under another name (EfficientNet's _fc)
             own_head, unused = apply_key_map(family.head_map, {k: inner[k] for k in unused})
             for c, vs in own_head.items():
