@@ -113,19 +113,23 @@ def _labels(source) -> np.ndarray | None:
     return getattr(source, "labels", None)
 
 
-def _preprocessing(cfg, model: Model) -> dict[str, Any]:
+def _preprocessing(cfg, model: Model, cache_dir: str | None = None) -> dict[str, Any]:
     d = cfg.data
     common: dict[str, Any] = {"seed": cfg.seed}
     if tasks.is_sequence(cfg.task) and d.get("target"):
         pass  # tokenised by _text_to_text
     elif d.kind in ("csv", "jsonl"):  # (a causal LM without targets models the text itself)
-        common.update(tokenizer=tokenizer_for(cfg, model), max_length=d.max_length, text=d.text)
+        buckets = d.get("length_buckets", "auto")
+        common.update(tokenizer=tokenizer_for(cfg, model), max_length=d.max_length, text=d.text,
+                      cache_dir=cache_dir,
+                      length_buckets=tuple(buckets) if isinstance(buckets, (tuple, list)) else buckets)
     else:
         common.update(image_size=d.image_size, image_options=dict(d.get("image_options", {}) or {}))
     return common
 
 
-def build_data(cfg, model: Model) -> Data:
+def build_data(cfg, model: Model, *, cache_dir: str | None = None) -> Data:
+    """Sources, splits and pipelines of ``cfg.data``; tokens cached in ``cache_dir`` when given."""
     d = cfg.data
     train_src, val_src, test_src = _sources(cfg)
     sizes = {"train": getattr(train_src, "total", len(train_src)),
@@ -135,14 +139,15 @@ def build_data(cfg, model: Model) -> Data:
         # a seeded random subset: files are often sorted by class or source
         keep = np.random.default_rng(cfg.seed).permutation(len(val_src))[: d.max_eval_examples]
         val_src = val_src.select(np.sort(keep))
-    common = _preprocessing(cfg, model)
+    common = _preprocessing(cfg, model, cache_dir)
     raw = {"train_source": train_src, "test_source": test_src}
     class_targets = None
     if tasks.is_sequence(cfg.task) and d.get("target"):
         (train_src, val_src, test_src), class_targets = _text_to_text(cfg, model, (train_src, val_src, test_src))
+    grouping = {"group_by_length": bool(d.get("group_by_length", False))} if "tokenizer" in common else {}
     train = data_lib.make_pipeline(train_src, global_batch_size=d.batch_size, train=True,
                                        mixup_alpha=d.get("mixup_alpha", 0.0),
-                                       num_classes=cfg.model.num_classes, **common)
+                                       num_classes=cfg.model.num_classes, **common, **grouping)
     val = data_lib.make_pipeline(val_src, global_batch_size=d.eval_batch_size, train=False, **common)
     test = data_lib.make_pipeline(test_src, global_batch_size=d.eval_batch_size, train=False, **common)
     names = getattr(train_src, "label_names", None) or (tuple(d.label_names) if d.get("label_names") else None)
@@ -266,7 +271,8 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     peft = build_peft(cfg, model)  # bad transfer.* rules fail here, before data loads
     trainable = trainable_mask(cfg, peft.params)  # bad rules fail here, before data loads
     tx, schedule = build_optimizer(cfg, model, peft.regularizer)
-    data = build_data(cfg, model) if with_data else None
+    data = build_data(cfg, model, cache_dir=os.path.join(workdir, "cache") if workdir else None) \
+        if with_data else None
     state = TrainState.create(peft.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
                               copy=False)  # the run keeps no other use for the loaded arrays
     loss_fn, eval_loss_fn = objective.loss_fns(cfg)

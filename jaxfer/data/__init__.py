@@ -5,6 +5,7 @@ training iterators are resumable (``get_state`` / ``set_state``), evaluation
 iterators cover every example exactly once. See ``iterators.py`` for the contract.
 """
 
+from jaxfer.data.buckets import Buckets
 from jaxfer.data.image import (IMAGENET_MEAN, IMAGENET_STD, center_crop, image_transform,
                                mixup, normalize, random_resized_crop_box, resize)
 from jaxfer.data.iterators import EvalBatches, Prefetch, TrainIterator

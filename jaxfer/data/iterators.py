@@ -14,6 +14,9 @@ The contract the training loop relies on:
   the same augmentations. Incomplete final batches are dropped (static shapes).
 * :class:`EvalBatches` visits every example exactly once per pass; the final
   partial batch is zero-padded to full size with ``mask`` 0.0 on the padding.
+* with ``buckets`` (:class:`jaxfer.data.buckets.Buckets`), token columns are cut
+  to the smallest bucket size that holds the batch's longest sequence (in a
+  multi-process run: the global batch's), so batch shapes come from a small fixed set.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxfer.data.buckets import Buckets
 from jaxfer.data.sources import gather, stack
 
 Batch = dict[str, np.ndarray]
@@ -66,6 +70,9 @@ class TrainIterator(Iterator[Batch]):
         process yields its ``process_index``-th slice of every global batch of
         ``batch_size * process_count`` examples. The global batches, and so the
         trained parameters, are then the same for any number of processes.
+      buckets: cut token columns to length buckets (by ``source`` index); with
+        ``buckets.group`` each epoch's order is also grouped by length (from
+        ``(seed, epoch)``, so still resumable).
     """
 
     def __init__(
@@ -82,8 +89,10 @@ class TrainIterator(Iterator[Batch]):
         workers: int = 0,
         process_index: int = 0,
         process_count: int = 1,
+        buckets: Buckets | None = None,
     ):
         self.source = source
+        self.buckets = buckets
         self.batch_size = int(batch_size)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.global_batch_size = self.batch_size * self.process_count
@@ -124,8 +133,11 @@ class TrainIterator(Iterator[Batch]):
         if self._order_epoch != epoch:
             n = len(self.source)
             order = (np.random.default_rng([self.seed, epoch]).permutation(n)
-                     if self.shuffle else np.arange(n))
-            self._order_epoch, self._order = epoch, order[: self.examples_per_epoch]
+                     if self.shuffle else np.arange(n))[: self.examples_per_epoch]
+            if self.buckets is not None and self.buckets.group:
+                order = self.buckets.grouped(order, self.global_batch_size,
+                                             np.random.default_rng([self.seed, epoch, 2]))
+            self._order_epoch, self._order = epoch, order
         return self._order
 
     def __iter__(self):
@@ -139,6 +151,10 @@ class TrainIterator(Iterator[Batch]):
         indices = self.order(e)[lo : lo + bs]
         seeds = [[self.seed, e, p] for p in range(lo, lo + bs)]
         batch = _load(self.source, indices, self.map_fn, seeds, self._pool)
+        if self.buckets is not None:  # the size of the global batch, the same on every process
+            start = i * self.global_batch_size
+            batch = self.buckets.cut(batch, self.buckets.size_for(
+                self.order(e)[start : start + self.global_batch_size]))
         if self.batch_fn is not None:
             batch = self.batch_fn(batch, np.random.default_rng([self.seed, e, i, 1]))
         batch["mask"] = np.ones(bs, np.float32)
@@ -157,7 +173,8 @@ class EvalBatches:
     Iterate it as many times as needed; each ``iter()`` is a fresh pass in source
     order. ``num_batches`` (default: ``ceil(len / batch_size)``) may be larger, so
     that all processes of a multi-host run take the same number of steps: the
-    extra batches are all padding (``mask`` all zeros).
+    extra batches are all padding (``mask`` all zeros). With ``buckets``, token
+    columns are cut to the bucket of each batch's longest sequence.
     """
 
     def __init__(
@@ -169,8 +186,10 @@ class EvalBatches:
         map_fn: MapFn | None = None,
         seed: int = 0,
         workers: int = 0,
+        buckets: Buckets | None = None,
     ):
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
+        self.buckets = buckets
         need = -(-len(source) // self.batch_size)
         self.num_batches = need if num_batches is None else int(num_batches)
         if self.num_batches < need:
@@ -199,13 +218,19 @@ class EvalBatches:
                     raise ValueError("cannot make padding batches for an empty source")
                 if self._template is None:
                     self._template = self._batch(np.arange(1))
-                yield self._pad({k: v[:0] for k, v in self._template.items()}, 0)
+                template = {k: v[:0] for k, v in self._template.items()}
+                if self.buckets is not None:
+                    template = self.buckets.cut(template, self.buckets.sizes[0])
+                yield self._pad(template, 0)
                 continue
             yield self._pad(self._batch(indices), len(indices))
 
     def _batch(self, indices: np.ndarray) -> Batch:
         seeds = [[self.seed, 0, int(p)] for p in indices]
-        return _load(self.source, indices, self.map_fn, seeds, self._pool)
+        batch = _load(self.source, indices, self.map_fn, seeds, self._pool)
+        if self.buckets is not None:
+            batch = self.buckets.cut(batch, self.buckets.size_for(indices))
+        return batch
 
 
 class Prefetch(Iterator[Batch]):

@@ -8,7 +8,8 @@ not only in expectation, and the state is the parts' states together:
 ``get_state() -> {name: part_state}``, ``set_state`` restores each, so a resumed
 run sees the same batches.
 
-Columns that some parts lack are filled with "no label" values (``-100`` for
+Token columns cut to different length buckets (:mod:`jaxfer.data.buckets`) are
+padded to the longest part's length. Columns that some parts lack are filled with "no label" values (``-100`` for
 integer columns, NaN for float ones), which the losses and metrics of
 :mod:`jaxfer.tasks` skip; ``hide`` replaces a part's columns by the same fill
 (the labels of an unlabelled target domain). :class:`EvalChain` does the same
@@ -25,6 +26,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxfer.data.text import TOKEN_KEYS
 
 Batch = dict[str, np.ndarray]
 IGNORE_INDEX = -100
@@ -81,6 +84,9 @@ def _merge(batches: Sequence[Batch], hidden: Sequence[Sequence[str]], part_key: 
                 raise ValueError(f"column {k!r} missing from a part")
             else:
                 pieces.append(_fill(like, rows))
+        if k in TOKEN_KEYS and len({p.shape[1:] for p in pieces}) > 1:  # parts cut to other length buckets
+            longest = max(p.shape[1] for p in pieces)
+            pieces = [np.pad(p, [(0, 0), (0, longest - p.shape[1])]) for p in pieces]
         shapes = {p.shape[1:] for p in pieces}
         if len(shapes) > 1:
             raise ValueError(f"column {k!r} has different shapes per part {sorted(shapes)}: "

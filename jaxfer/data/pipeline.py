@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxfer.data import buckets as buckets_lib
 from jaxfer.data import image as image_lib
 from jaxfer.data import sources as sources_lib
 from jaxfer.data import text as text_lib
@@ -97,6 +98,7 @@ def pipeline(
     process_count: int | None = None,
     workers: int = 0,
     prefetch: int = 0,
+    buckets: buckets_lib.Buckets | None = None,
 ):
     """Shard ``source`` for this process and batch it.
 
@@ -105,6 +107,9 @@ def pipeline(
     process_count`` examples per batch and the same number of steps per epoch on
     every process. Evaluation gives an :class:`EvalBatches` whose passes cover this
     process's shard exactly once, with the same number of batches on every process.
+    ``buckets`` (lengths by index of the source given) cut token columns per batch;
+    with several processes only the global-order training path can use them (the
+    shapes must agree across processes), so they are dropped elsewhere.
     """
     pi, pc = process_info(process_index, process_count)
     bs = local_batch_size(global_batch_size, pc)
@@ -114,17 +119,19 @@ def pipeline(
         # batch: same batches, same result, whatever the number of processes
         it = TrainIterator(source, bs, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                            map_fn=map_fn, batch_fn=batch_fn, workers=workers,
-                           process_index=pi, process_count=pc)
+                           process_index=pi, process_count=pc, buckets=buckets)
         return Prefetch(it, prefetch) if prefetch else it
     local, total = shard(source, pi, pc)
+    if pc > 1:
+        buckets = None
     if train:
         it = TrainIterator(local, bs, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                            examples_per_epoch=total // pc, map_fn=map_fn,
-                           batch_fn=batch_fn, workers=workers)
+                           batch_fn=batch_fn, workers=workers, buckets=buckets)
         return Prefetch(it, prefetch) if prefetch else it
     largest_shard = -(-total // pc)
     return EvalBatches(local, bs, num_batches=-(-largest_shard // bs), map_fn=map_fn,
-                       seed=seed, workers=workers)
+                       seed=seed, workers=workers, buckets=buckets)
 
 
 SOURCES = {
@@ -156,6 +163,9 @@ def make_pipeline(
     max_length: int = 128,
     text: str = "text",
     text_pair: str | None = None,
+    length_buckets: Sequence[int] | str | None = "auto",
+    group_by_length: bool = False,
+    cache_dir: str | None = None,
     image_size: int | None = None,
     image_options: dict | None = None,
     mixup_alpha: float = 0.0,
@@ -168,18 +178,31 @@ def make_pipeline(
     """:func:`pipeline` plus the usual preprocessing, chosen by arguments.
 
     * ``tokenizer`` (object, folder or hub id): tokenise ``text`` (and
-      ``text_pair``) of this process's shard once, to ``max_length``.
+      ``text_pair``) of this process's shard once, to ``max_length``; each batch
+      is then cut to the smallest of ``length_buckets`` that holds it
+      (:mod:`jaxfer.data.buckets`; ``"auto"``: 16, 32, 64, ... up to
+      ``max_length``; ``None``: every batch ``max_length`` long), and with
+      ``group_by_length`` training batches hold texts of similar length. With
+      ``cache_dir`` the tokens are kept there and reused (:func:`text.tokenize`).
     * ``image_size``: decode ``"image"`` into ``pixel_values`` with
       :func:`image.image_transform` (training augmentation when ``train``;
       ``image_options`` are passed through, e.g. ``resize``, ``mean``, ``std``).
     * ``mixup_alpha > 0`` (training only, needs ``num_classes``): mixup per batch.
     """
+    if isinstance(length_buckets, str) and length_buckets != "auto":
+        raise ValueError(f"length_buckets must be 'auto', a list of lengths or None, got {length_buckets!r}")
     pi, pc = process_info(process_index, process_count)
     presharded = hasattr(source, "total") and hasattr(source, "process_count")
     global_order = train and pc > 1 and not presharded  # pipeline() takes the slices
     local, total = (source, len(source)) if global_order else shard(source, pi, pc)
+    buckets = None
     if tokenizer is not None:
-        local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair)
+        local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair,
+                                  cache_dir=cache_dir)
+        if length_buckets:
+            sizes = None if isinstance(length_buckets, str) else length_buckets
+            buckets = buckets_lib.Buckets.for_tokens(local.columns, text_lib.TOKEN_KEYS, sizes,
+                                                     group=group_by_length and train)
     if not global_order and local is not source:  # sharded: keep the full size for step counts
         local = _Sharded(local, pi, pc, total)
     map_fn = batch_fn = None
@@ -191,7 +214,8 @@ def make_pipeline(
         batch_fn = functools.partial(image_lib.mixup, alpha=mixup_alpha, num_classes=num_classes)
     return pipeline(local, global_batch_size=global_batch_size, train=train, seed=seed,
                     num_epochs=num_epochs, map_fn=map_fn, batch_fn=batch_fn,
-                    process_index=pi, process_count=pc, workers=workers, prefetch=prefetch)
+                    process_index=pi, process_count=pc, workers=workers, prefetch=prefetch,
+                    buckets=buckets)
 
 
 class _Sharded:

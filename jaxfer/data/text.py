@@ -1,7 +1,15 @@
-"""Tokenisation of text sources, once per dataset, in vectorised chunks."""
+"""Tokenisation of text sources, once per dataset, in vectorised chunks (and cached on disk).
+
+With a ``cache_dir``, :func:`tokenize` keeps its arrays in
+``cache_dir/tokens-<key>.npz``; ``key`` hashes the texts, the tokenizer (its full
+``tokenizer.json`` for fast tokenizers, else its vocabulary) and ``max_length``,
+so a changed dataset or tokenizer never reads stale tokens and a rerun (a
+resumed job, another recipe variant on the same data) skips the tokenizer.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -66,14 +74,27 @@ def tokenize(
     text_pair: str | None = None,
     chunk_size: int = 1024,
     keep_text: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> ArraySource:
     """Replace the text column(s) of ``source`` with token arrays (see
     :func:`tokenize_texts`). The result is an in-memory source, so every epoch
-    reuses the same tokens."""
+    reuses the same tokens; with ``cache_dir`` they are also kept on disk (module doc)."""
     cols = source.columns
-    tokens = tokenize_texts(cols[text], tokenizer, max_length,
-                            pairs=None if text_pair is None else cols[text_pair],
-                            chunk_size=chunk_size)
+    pairs = None if text_pair is None else cols[text_pair]
+    path = None
+    if cache_dir is not None:
+        tokenizer = load_tokenizer(tokenizer)
+        path = os.path.join(os.fspath(cache_dir), f"tokens-{cache_key(cols[text], pairs, tokenizer, max_length)}.npz")
+    if path is not None and os.path.exists(path):
+        with np.load(path) as f:
+            tokens = {k: f[k] for k in f.files}
+    else:
+        tokens = tokenize_texts(cols[text], tokenizer, max_length, pairs=pairs, chunk_size=chunk_size)
+        if path is not None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, **tokens)
+            os.replace(tmp, path)  # whole or absent, never half-written
     out = source.with_columns(**tokens)
     return out if keep_text else out.without(*[c for c in (text, text_pair) if c])
 
@@ -145,3 +166,22 @@ def tokenize_text_to_text(
         labels[i, k:k + m] = answer
     return source.with_columns(input_ids=seq, attention_mask=seq_mask, labels=labels, target_ids=target_ids,
                                prompt_ids=ids, prompt_mask=mask.astype(np.int32)).without(text)
+
+
+def _tokenizer_fingerprint(tok: Any) -> bytes:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: its whole definition
+        return backend.to_str().encode()
+    return repr(sorted(tok.get_vocab().items())).encode() + type(tok).__name__.encode()
+
+
+def cache_key(texts, pairs, tokenizer: Any, max_length: int) -> str:
+    """Hex digest of what tokenising ``texts`` (and ``pairs``) depends on."""
+    h = hashlib.sha256()
+    h.update(_tokenizer_fingerprint(tokenizer))
+    h.update(f"|{int(max_length)}|{len(texts)}|{pairs is not None}|".encode())
+    for column in (texts,) if pairs is None else (texts, pairs):
+        for t in column:
+            h.update(str(t).encode())
+            h.update(b"\x00")
+    return h.hexdigest()[:24]
