@@ -96,6 +96,22 @@ def _sources(cfg):
         if d.get("dedupe"):
             src = dedupe_by(src, d.text)
         return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
+    if d.kind == "audio":  # WAV paths + transcripts (ctc) or class names (classification)
+        ctc = cfg.task == "ctc"
+        path = d.path
+        if not path and d.get("synthesize"):  # speech made offline by espeak-ng
+            from jaxfer.data import espeak
+
+            syn = d.synthesize
+            path = espeak.digits_corpus(syn.root, tuple(syn.voices), syn.per_voice, seed=syn.seed)
+        src = data_lib.read_audio_csv(path, audio=d.get("audio", "path"), text=d.text if ctc else None,
+                                      label=None if ctc else d.label,
+                                      label_names=tuple(d.label_names) if d.get("label_names") else None,
+                                      sampling_rate=d.sampling_rate, max_seconds=d.max_seconds)
+        if ctc:
+            src = data_lib.transcribe(src, objective.vocab(cfg), d.get("max_label_length") or None)
+        splits = data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
+        return tuple(s.to_arrays() for s in splits) if d.get("in_memory", True) else splits
     if d.kind == "image_folder":
         src = data_lib.read_image_folder(d.path)
         return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
@@ -104,7 +120,7 @@ def _sources(cfg):
         return tuple(data_lib.TfdsSource(d.name, split, data_dir=d.get("data_dir") or None,
                                              download=d.get("download", True))
                      for split in d.splits)
-    raise ValueError(f"unknown data.kind {d.kind!r}; choose csv, jsonl, image_folder or tfds")
+    raise ValueError(f"unknown data.kind {d.kind!r}; choose csv, jsonl, image_folder, audio or tfds")
 
 
 def _labels(source) -> np.ndarray | None:
@@ -123,6 +139,8 @@ def _preprocessing(cfg, model: Model, cache_dir: str | None = None) -> dict[str,
         common.update(tokenizer=tokenizer_for(cfg, model), max_length=d.max_length, text=d.text,
                       cache_dir=cache_dir,
                       length_buckets=tuple(buckets) if isinstance(buckets, (tuple, list)) else buckets)
+    elif d.kind == "audio":
+        pass  # read, resampled and padded by the source
     else:
         common.update(image_size=d.image_size, image_options=dict(d.get("image_options", {}) or {}))
     return common
@@ -268,6 +286,8 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     parallel.check_batch_size(cfg.data.eval_batch_size, mesh)
     strategy = parallel.Strategy.from_config(cfg.mesh, mesh)
     model = build_model(cfg, place=strategy.param_placer())
+    if cfg.model.get("init_from"):
+        model = initialised_from(model, cfg.model.init_from)
     peft = build_peft(cfg, model)  # bad transfer.* rules fail here, before data loads
     trainable = trainable_mask(cfg, peft.params)  # bad rules fail here, before data loads
     tx, schedule = build_optimizer(cfg, model, peft.regularizer)
@@ -286,6 +306,32 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     ckpt = checkpointer(cfg, workdir, trainable, strategy) if workdir else None
     return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,
                trainable, strategy, peft)
+
+
+def initialised_from(model: Model, workdir: str) -> Model:
+    """``model`` with the params of the run in ``workdir`` (its best checkpoint, else its latest;
+    that run's own ``config.json`` rebuilds its state): ``model.init_from``, to continue a trained
+    model on new data with new rules and optimizer (sequential transfer: voices A, then voice B).
+    The params must have the same paths and shapes; any difference is an error naming it."""
+    import ml_collections
+
+    from jaxfer import tree
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model.init_from={workdir!r}: no config.json there (not a jaxfer run workdir)")
+    with open(path) as f:
+        previous = ml_collections.ConfigDict(json.load(f))
+    params = restore_trained(previous, workdir, with_data=False).state.params
+    ours = {p: np.shape(v) for p, v in tree.flatten(model.params).items()}
+    theirs = {p: np.shape(v) for p, v in tree.flatten(params).items()}
+    if ours != theirs:
+        diff = sorted(set(ours.items()) ^ set(theirs.items()))[:4]
+        raise ValueError(f"model.init_from={workdir!r}: its params differ from this model's: {diff}")
+    from jaxfer.weights.strict import LoadReport
+
+    report = LoadReport(source=str(workdir), format="jaxfer run", loaded=list(theirs))
+    return model.replace(variables={**model.variables, "params": params}, report=report)
 
 
 def checkpointer(cfg, workdir: str, trainable, strategy) -> checkpoint_lib.Checkpointer:
@@ -322,7 +368,7 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     for line in run.peft.methods:
         _log(f"transfer: {line}")
     _log(f"data: {run.data.sizes}")
-    if workdir and not tasks.is_sequence(cfg.task):  # what predict/serve/export need: tokenizer, labels
+    if workdir and not tasks.is_sequence(cfg.task) and cfg.data.kind != "audio":  # what predict/serve/export need: tokenizer, labels
         deploy.save_spec(workdir, cfg, run.model, run.data.label_names, cfg.task)
     metrics_fn = objective.metrics_fn(cfg, model=run.model, data=run.data)
     state, history = loop.fit(

@@ -20,7 +20,8 @@ Conventions:
   are left out (as classification rows with a negative label).
 * ``task`` is a kind from :data:`jaxfer.tasks.KINDS`; sequence kinds (causal LM,
   seq2seq) report :func:`sequence_report` from per-example sums and generated
-  tokens (perplexity, token accuracy, exact match, BLEU, label-word accuracy).
+  tokens (perplexity, token accuracy, exact match, BLEU, label-word accuracy);
+  CTC (speech) reports :func:`transcription_report` (WER, CER) of greedy decodings.
 """
 
 from __future__ import annotations
@@ -339,6 +340,60 @@ def sequence_report(outputs: dict[str, np.ndarray], *, eos_id: int | None = None
         report["macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
         report["other_rate"] = float(np.mean(pred_ids[keep] == other)) if keep.any() else 0.0
     return report
+
+
+# ------------------------------------------------------------ transcription
+def ctc_greedy(frame_ids, frame_mask=None, blank_id: int = 0) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of per-frame argmax ids ``(B, T)``: frames past ``frame_mask``
+    dropped, runs of the same id collapsed to one, then blanks dropped (``a a _ a`` -> ``a a``)."""
+    ids = np.asarray(frame_ids)
+    mask = np.ones(ids.shape, bool) if frame_mask is None else np.asarray(frame_mask) > 0
+    out = []
+    for row, m in zip(ids, mask):
+        row = row[m]
+        keep = np.ones(row.shape, bool)
+        keep[1:] = row[1:] != row[:-1]
+        out.append(tuple(int(t) for t in row[keep] if t != blank_id))
+    return out
+
+
+def edit_distance(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """Levenshtein distance: the fewest substitutions, insertions and deletions turning ``a`` into ``b``."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def error_rate(predictions: Sequence[Sequence[Any]], references: Sequence[Sequence[Any]]) -> float:
+    """Corpus error rate: ``sum(edit_distance(p, r)) / sum(len(r))`` (may exceed 1)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    total = sum(len(r) for r in references)
+    if total == 0:
+        raise ValueError("error rate against empty references")
+    return sum(edit_distance(p, r) for p, r in zip(predictions, references)) / total
+
+
+def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Word error rate of texts (words split on whitespace)."""
+    return error_rate([p.split() for p in predictions], [r.split() for r in references])
+
+
+def cer(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Character error rate of texts (spaces count as characters, runs of them as one)."""
+    return error_rate([" ".join(p.split()) for p in predictions], [" ".join(r.split()) for r in references])
+
+
+def transcription_report(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """``wer``, ``cer``, ``sentence_accuracy`` (exact transcripts) and ``num_examples``."""
+    return {"wer": wer(predictions, references), "cer": cer(predictions, references),
+            "sentence_accuracy": float(np.mean([" ".join(p.split()) == " ".join(r.split())
+                                                for p, r in zip(predictions, references)])),
+            "num_examples": len(references)}
 
 
 # ------------------------------------------------------------------ dispatch

@@ -23,6 +23,11 @@ Four shapes of recipe, each switched on by its config section:
   (``max_new_tokens``, ``strategy``, ...), generated tokens, judged by
   :func:`jaxfer.metrics.sequence_report` (:mod:`jaxfer.train.sequence`).
 
+* speech recognition (``c.task = "ctc"``, :data:`jaxfer.tasks.FRAME_KINDS`; ``c.data.vocab``
+  the characters): a ``heads.CTCHead`` over the frames, ``losses.ctc``, an evaluation
+  that adds each frame's argmax and reports WER/CER of the greedy transcripts
+  (:mod:`jaxfer.train.transcription`).
+
 ``experiment`` calls these; they are the whole difference between the shapes.
 """
 
@@ -33,7 +38,8 @@ from typing import Any
 from jaxfer import generation
 from jaxfer import tasks as tasks_lib
 from jaxfer.models import heads
-from jaxfer.train import losses, sequence
+from jaxfer.data.audio import CharVocab
+from jaxfer.train import losses, sequence, transcription
 from jaxfer.transfer import adapt, multitask, regularizers
 
 
@@ -86,6 +92,8 @@ def head(cfg):
         return None
     m = cfg.model
     common = {"pooling": m.get("pooling") or None, "dropout_rate": m.get("head_dropout", None)}
+    if cfg.task == "ctc":
+        return heads.CTCHead(vocab(cfg).size, dropout_rate=common["dropout_rate"])
     task_rows = task_list(cfg)
     if task_rows is not None:
         return heads.MultiHead({t.name: heads.Classifier(t.num_classes, task=t.kind) for t in task_rows},
@@ -113,7 +121,16 @@ def loss_fns(cfg):
     return train, base
 
 
+def vocab(cfg) -> CharVocab:
+    """The characters a CTC recipe transcribes (``c.data.vocab``)."""
+    if not cfg.data.get("vocab"):
+        raise ValueError("task 'ctc' needs data.vocab, the characters to transcribe")
+    return CharVocab(cfg.data.vocab)
+
+
 def eval_step_kwargs(cfg) -> dict[str, Any]:
+    if cfg.task == "ctc":  # per-frame argmax ids, never logits
+        return {"output_keys": transcription.OUTPUT_KEYS, "label_key": transcription.LABEL_KEYS}
     if tasks_lib.is_sequence(cfg.task):  # per-example sums and tokens, never logits
         generates = bool(cfg.get("generate") and cfg.generate.get("max_new_tokens"))
         return {"output_keys": sequence.output_keys(generates), "label_key": sequence.LABEL_KEYS}
@@ -141,6 +158,8 @@ def generate_settings(cfg, model) -> generation.Settings | None:
 def eval_apply(cfg, apply_fn, model):
     """The evaluation's ``apply_fn``: for a sequence task with token counts and generated
     tokens added (:func:`jaxfer.train.sequence.eval_apply`), else ``apply_fn``."""
+    if cfg.task == "ctc":
+        return transcription.eval_apply(apply_fn)
     if not tasks_lib.is_sequence(cfg.task):
         return apply_fn
     return sequence.eval_apply(apply_fn, model.module, cfg.task, generate_settings(cfg, model))
@@ -149,6 +168,8 @@ def eval_apply(cfg, apply_fn, model):
 def metrics_fn(cfg, *, model=None, data=None):
     """The evaluation hook for ``loop.evaluate`` (``None``: the single-task default). A
     sequence task's needs the ``model`` (its EOS id) and the ``data`` (label words' tokens)."""
+    if cfg.task == "ctc":
+        return transcription.metrics_fn(vocab(cfg))
     if tasks_lib.is_sequence(cfg.task):
         return sequence.metrics_fn(eos_id=eos_id(model), class_targets=getattr(data, "class_targets", None),
                                    label_names=getattr(data, "label_names", None))

@@ -1,10 +1,11 @@
-"""Data: sources, splits, per-host shards, tokenisation, image transforms, batching.
+"""Data: sources (text, images, audio), splits, per-host shards, tokenisation, image transforms, batching.
 
 Batches are ``dict[str, np.ndarray]`` in host memory with a ``"mask"`` key;
 training iterators are resumable (``get_state`` / ``set_state``), evaluation
 iterators cover every example exactly once. See ``iterators.py`` for the contract.
 """
 
+from jaxfer.data.audio import AudioSource, CharVocab, read_audio_csv, read_wav, transcribe
 from jaxfer.data.buckets import Buckets
 from jaxfer.data.image import (IMAGENET_MEAN, IMAGENET_STD, center_crop, image_transform,
                                mixup, normalize, random_resized_crop_box, resize)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxfer.data import audio as audio_lib
 from jaxfer.data import buckets as buckets_lib
 from jaxfer.data import image as image_lib
 from jaxfer.data import sources as sources_lib
@@ -139,13 +140,15 @@ SOURCES = {
     "jsonl": sources_lib.read_jsonl,
     "arrays": sources_lib.from_arrays,
     "image_folder": sources_lib.read_image_folder,
+    "audio": audio_lib.read_audio_csv,
     "tfds": TfdsSource,
 }
 
 
 def make_source(kind: str, **kwargs):
     """``SOURCES[kind](**kwargs)``: ``csv``/``jsonl`` (path, text, label, task,
-    label_names), ``arrays`` (columns, label), ``image_folder`` (root),
+    label_names), ``arrays`` (columns, label), ``image_folder`` (root), ``audio`` (a CSV of
+    WAV paths with transcripts or labels: path, audio, text, label, sampling_rate, max_seconds),
     ``tfds`` (name, split, process_index, process_count, data_dir)."""
     if kind not in SOURCES:
         raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(SOURCES)}")

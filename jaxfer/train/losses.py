@@ -11,6 +11,7 @@ runs exact: the total weight is only known once every part has been summed.
     loss_fn = softmax_cross_entropy(label_smoothing=0.1)
     loss_fn = for_task("regression")          # a kind from jaxfer.tasks.KINDS
     loss_fn = for_task("causal_lm")           # or a sequence kind: per-token losses [B, T]
+    loss_fn = for_task("ctc")                 # speech: per-utterance CTC, weighted by characters
 
 Rows whose label is missing get weight 0: an integer class id equal to
 ``ignore_index`` (-100), or a float target that is NaN (regression, multi-label).
@@ -170,14 +171,47 @@ def seq2seq(label_smoothing: float = 0.0, logits_key: str = "logits", label_key:
     return loss_fn
 
 
+def ctc(blank_id: int = 0, logits_key: str = "logits", label_key: str = "labels",
+        frames_key: str = "frame_mask") -> LossFn:
+    """Connectionist temporal classification (``optax.ctc_loss``): ``-log p(labels | frames)``
+    summed over every alignment of the target characters to the frames (blank ``blank_id``).
+
+    ``outputs[logits_key]`` ``(B, T, V)`` are per-frame logits, ``outputs[frames_key]``
+    ``(B, T)`` marks real frames (all frames without it), ``batch[label_key]`` ``(B, S)``
+    the targets, ``-100`` after each row's end. ``losses`` are per utterance ``[B]``
+    (HF's ``ctc_loss_reduction="sum"`` per row), each weighted by its number of target
+    characters so the step's mean is the loss per character; an utterance with no target
+    or too few frames for its target (an infinite loss) gets weight 0 and loss 0 (HF's
+    ``ctc_zero_infinity``), so one bad clip cannot make a step non-finite.
+    """
+
+    def loss_fn(outputs, batch):
+        logits = outputs[logits_key].astype(jnp.float32)
+        labels = jnp.asarray(batch[label_key])
+        frames = outputs.get(frames_key)
+        logit_pad = jnp.zeros(logits.shape[:2], jnp.float32) if frames is None else \
+            1.0 - jnp.asarray(frames, jnp.float32)
+        valid = labels != IGNORE_INDEX
+        label_pad = 1.0 - valid.astype(jnp.float32)
+        losses = optax.ctc_loss(logits, logit_pad, jnp.where(valid, labels, 0), label_pad, blank_id=blank_id)
+        chars = valid.sum(-1).astype(jnp.float32)
+        # an alignment needs a frame per character and a blank between repeated characters
+        repeats = (valid[:, 1:] & (labels[:, 1:] == labels[:, :-1])).sum(-1)
+        ok = (jnp.sum(1.0 - logit_pad, -1) >= chars + repeats) & (chars > 0) & jnp.isfinite(losses)
+        return jnp.where(ok, losses / jnp.maximum(chars, 1.0), 0.0), jnp.where(ok, chars, 0.0)
+
+    return loss_fn
+
+
 _BY_TASK: dict[str, Callable[..., LossFn]] = {
     "classification": softmax_cross_entropy,
     "multi_label": sigmoid_binary_cross_entropy,
     "regression": mean_squared_error,
     "causal_lm": causal_lm,
     "seq2seq": seq2seq,
+    "ctc": ctc,
 }
-assert tuple(_BY_TASK) == tasks.KINDS + tasks.SEQUENCE_KINDS
+assert tuple(_BY_TASK) == tasks.KINDS + tasks.SEQUENCE_KINDS + tasks.FRAME_KINDS
 
 
 def for_task(task: str, **kwargs: Any) -> LossFn:

@@ -8,6 +8,7 @@ Each returns ordered rules (first match wins, ``None`` = frozen) for
     norm_tuning()  # LayerNorm tuning: normalisation scales/biases + the head
     lora()         # the LoRA factors under params["lora"] + the head (see transfer.lora)
     adapters()     # the bottleneck adapters under params["adapters"] + the head
+    feature_encoder_frozen()  # speech (wav2vec2): the conv feature encoder frozen, the rest trains
 """
 
 from __future__ import annotations
@@ -41,4 +42,15 @@ def adapters(head: str | None = HEAD, lr: float = 1.0) -> tuple:
     return _with_head(("adapters/**", lr), head, lr)
 
 
-PRESETS = {"bitfit": bitfit, "norm_tuning": norm_tuning, "lora": lora, "adapters": adapters}
+FEATURE_ENCODER = "**/feature_extractor/**"
+
+
+def feature_encoder_frozen(lr: float = 1.0) -> tuple:
+    """The standard first rule for fine-tuning wav2vec2 (HF's ``freeze_feature_encoder()``):
+    the convolutional feature encoder on the waveform stays as it is, everything above it
+    (feature projection, positional conv, transformer, head) trains with multiplier ``lr``."""
+    return ((FEATURE_ENCODER, None), ("**", lr))
+
+
+PRESETS = {"bitfit": bitfit, "norm_tuning": norm_tuning, "lora": lora, "adapters": adapters,
+           "feature_encoder_frozen": feature_encoder_frozen}
