@@ -22,6 +22,8 @@ RECIPES = {
     # trained from scratch at their tiny sizes in tests/test_text_to_text.py ("pretrained" needs the hub)
     "t5_tweets.py": ("tiny", "tiny_classifier"),
     "gpt2_tweets.py": ("tiny", "lm"),
+    # on espeak-ng's speech at the tiny sizes in tests/test_speech.py (and colabs/speech_transfer.ipynb)
+    "wav2vec2_digits.py": ("tiny", "tiny_then"),
 }
 
 

@@ -142,6 +142,21 @@ def test_generation_matches_transformers(relu_tied):
             assert (row[end:] == 0).all()
         assert want.shape[1] >= 10 and len(set(out.reshape(-1))) > 4  # not one repeated token
 
+    # new prompts of the same shape: the compiled loop is reused, nothing compiles, not even per token
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        again = generation.generate(model, (ids + 3) * mask, mask, max_new_tokens=n, strategy="beam",
+                                    num_beams=3)["tokens"]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and not np.array_equal(again, out)
+
 
 def test_relative_position_buckets_match_hf():
     rel = np.arange(-60, 61)[None, :] - np.zeros((1, 1), np.int64)
