@@ -122,6 +122,9 @@ def get_config(arg: str = "top2"):
         c.train.best_metric = "confidence/r2" if arg == "confidence_only" else "sentiment/accuracy"
     c.train.patience = 0  # evaluations without improvement before stopping; 0: never stop early
     c.train.max_nonfinite_skips = 5  # non-finite steps skipped in a row before the run stops
+    c.train.compute_dtype = ""  # "bfloat16": mixed precision, float32 master weights
+    c.train.frozen_dtype = ""  # "bfloat16": frozen weights stored in half the memory
+    c.train.compilation_cache = ""  # e.g. "~/.cache/jaxfer/xla": reruns skip XLA compiles
     c.train.trainable_only_checkpoints = arg not in ("full", "l2sp", "scratch")
 
     c.transfer = ml_collections.ConfigDict()  # jaxfer.transfer.peft documents these keys

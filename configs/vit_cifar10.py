@@ -68,6 +68,9 @@ def get_config(arg: str = "full"):
     c.train.best_metric = "accuracy"
     c.train.patience = 0
     c.train.max_nonfinite_skips = 5  # non-finite steps skipped in a row before the run stops
+    c.train.compute_dtype = ""  # "bfloat16": mixed precision, float32 master weights
+    c.train.frozen_dtype = ""  # "bfloat16": frozen weights stored in half the memory
+    c.train.compilation_cache = ""  # e.g. "~/.cache/jaxfer/xla": reruns skip XLA compiles
     c.train.trainable_only_checkpoints = arg == "probe"
 
     c.mesh = ml_collections.ConfigDict()

@@ -27,7 +27,7 @@ from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
 from jaxfer.train import loop, losses, parallel, step as step_lib
-from jaxfer.train.state import TrainState
+from jaxfer.train.state import TrainState, cast_frozen
 from jaxfer.transfer import peft as peft_lib
 from jaxfer.weights.load import Model, init_model, load as load_weights
 
@@ -280,7 +280,20 @@ class Run:
     peft: peft_lib.Peft | None = None
 
 
+def compilation_cache(path: str | None) -> None:
+    """Keep compiled steps in ``path`` (jax's persistent compilation cache), so a rerun of
+    the same recipe on the same machine skips XLA's compile; a cache set before
+    (``JAX_COMPILATION_CACHE_DIR``, another call) wins."""
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
+def _dtype(name: str | None):
+    return jax.numpy.dtype(name) if name else None
+
+
 def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
+    compilation_cache(cfg.train.get("compilation_cache"))
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     parallel.check_batch_size(cfg.data.batch_size, mesh)
     parallel.check_batch_size(cfg.data.eval_batch_size, mesh)
@@ -293,16 +306,20 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     tx, schedule = build_optimizer(cfg, model, peft.regularizer)
     data = build_data(cfg, model, cache_dir=os.path.join(workdir, "cache") if workdir else None) \
         if with_data else None
-    state = TrainState.create(peft.params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
+    params = peft.params
+    if cfg.train.get("frozen_dtype"):  # frozen leaves pass through the step: store them smaller
+        params = cast_frozen(params, trainable, _dtype(cfg.train.frozen_dtype))
+    state = TrainState.create(params, tx, rng=jax.random.key(cfg.seed), model_state=model.state,
                               copy=False)  # the run keeps no other use for the loaded arrays
     loss_fn, eval_loss_fn = objective.loss_fns(cfg)
+    compute_dtype = _dtype(cfg.train.get("compute_dtype"))
     apply_fn = peft.apply_fn(step_lib.model_apply(model))
     state = strategy.place_state(state)
     train_step = strategy.train_step(apply_fn, peft.train_loss(loss_fn), tx, trainable,
                                      micro_batches=cfg.optim.get("accumulate", 1) or 1,
-                                     lr_schedule=schedule)
+                                     lr_schedule=schedule, compute_dtype=compute_dtype)
     eval_step = strategy.eval_step(objective.eval_apply(cfg, apply_fn, model), eval_loss_fn,
-                                   **objective.eval_step_kwargs(cfg))
+                                   compute_dtype=compute_dtype, **objective.eval_step_kwargs(cfg))
     ckpt = checkpointer(cfg, workdir, trainable, strategy) if workdir else None
     return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,
                trainable, strategy, peft)

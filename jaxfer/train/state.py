@@ -54,3 +54,15 @@ class TrainState:
             rng=rng,
             model_state=model_state,
         )
+
+
+def cast_frozen(params: PyTree, trainable: PyTree, dtype: Any = jnp.bfloat16) -> PyTree:
+    """``params`` with its frozen floating leaves stored as ``dtype`` (trainable ones unchanged).
+
+    The train step passes frozen leaves through untouched, so they stay in
+    ``dtype`` (half the memory of float32 for ``bfloat16``); the model computes
+    with them in the dtype of its inputs (float32 unless a ``compute_dtype`` is set).
+    """
+    return jax.tree_util.tree_map(
+        lambda x, t: x if t or not jnp.issubdtype(jnp.result_type(x), jnp.floating) else jnp.asarray(x, dtype),
+        params, trainable)

@@ -238,6 +238,20 @@ def _where(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
+def _cast_floats(values: PyTree, dtype: Any) -> PyTree:
+    """Floating leaves of ``values`` as ``dtype`` (others as they are)."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, values)
+
+
+def _compute_in(dtype: Any, params: PyTree, batch: Mapping[str, Any]) -> tuple[PyTree, dict]:
+    """Params and the model's float inputs (:data:`DEFAULT_INPUT_KEYS`) cast to the compute dtype."""
+    if dtype is None:
+        return params, batch
+    return _cast_floats(params, dtype), {k: _cast_floats(v, dtype) if k in DEFAULT_INPUT_KEYS else v
+                                         for k, v in batch.items()}
+
+
 def _all_true(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda _: True, params)
 
@@ -246,7 +260,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
                     trainable: PyTree | None = None, *, micro_batches: int = 1,
                     lr_schedule: optax.Schedule | None = None, axis_name: str | None = None,
                     jit: bool = True, donate: bool = True, frozen_batch_norm: bool = True,
-                    frozen_dropout: bool = True, skip_nonfinite: bool = True,
+                    frozen_dropout: bool = True, skip_nonfinite: bool = True, compute_dtype: Any = None,
                     state_sharding: Any = None, batch_sharding: Any = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)``.
@@ -274,6 +288,10 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
         :func:`frozen_inference_scope`); ``False`` keeps it random, as before.
       skip_nonfinite: the non-finite guard (module docstring); ``False`` applies
         every update, finite or not (``metrics["nonfinite"]`` is still reported).
+      compute_dtype: e.g. ``jnp.bfloat16``: the forward and backward pass run on
+        params and float model inputs cast to it (mixed precision), while the
+        params, their gradients and the optimizer state stay in their own dtype
+        (float32 master weights); outputs are cast back to float32 for the loss.
       state_sharding / batch_sharding: ``in_shardings``/``out_shardings`` for ``jax.jit``.
 
     Gradients are taken only for the trainable partition. The optimizer still
@@ -303,9 +321,12 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
         rng, step_rng = jax.random.split(state.rng)
 
         def summed_loss(trainable_params, model_state, chunk, rng):
-            variables = {"params": tree.merge(trainable_params, frozen_params), **model_state}
+            params, inputs = _compute_in(compute_dtype, tree.merge(trainable_params, frozen_params), chunk)
+            variables = {"params": params, **model_state}
             with frozen_inference_scope(status, batch_norm=frozen_batch_norm, dropout=frozen_dropout):
-                outputs, new_model_state = apply_fn(variables, chunk, train=True, rng=rng)
+                outputs, new_model_state = apply_fn(variables, inputs, train=True, rng=rng)
+            if compute_dtype is not None:
+                outputs = _cast_floats(outputs, jnp.float32)
             loss_sum, weight_sum = _weighted_loss(loss_fn, outputs, chunk)
             return loss_sum, (weight_sum, {**model_state, **new_model_state})
 
@@ -372,8 +393,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
 
 # ---------------------------------------------------------------- eval step
 def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, output_keys: Sequence[str] = ("logits",),
-                   label_key: str | Sequence[str] = "label", jit: bool = True, axis_name: str | None = None
-                   ) -> Callable[[TrainState, dict], dict]:
+                   label_key: str | Sequence[str] = "label", jit: bool = True, axis_name: str | None = None,
+                   compute_dtype: Any = None) -> Callable[[TrainState, dict], dict]:
     """Build ``eval_step(state, batch) -> dict`` of per-example arrays.
 
     Returns ``loss`` (``[B]``: the sum over trailing dims of ``losses * weights``,
@@ -383,13 +404,16 @@ def make_eval_step(apply_fn: ApplyFn, loss_fn: LossFn, *, output_keys: Sequence[
     A dataset's loss is ``sum(loss) / sum(weight)`` over its rows; padding rows
     (mask 0) have weight 0 and are dropped by the caller on the host.
 
-    Runs with ``train=False``, ``state.model_state`` and no rng. With
-    ``axis_name`` (pmap) the step is not jitted; outputs stay per device.
+    Runs with ``train=False``, ``state.model_state`` and no rng (``compute_dtype``:
+    as in :func:`make_train_step`). With ``axis_name`` (pmap) the step is not
+    jitted; outputs stay per device.
     """
 
     def eval_step(state: TrainState, batch: dict) -> dict:
-        variables = {"params": state.params, **state.model_state}
-        outputs, _ = apply_fn(variables, batch, train=False, rng=None)
+        params, inputs = _compute_in(compute_dtype, state.params, batch)
+        outputs, _ = apply_fn({"params": params, **state.model_state}, inputs, train=False, rng=None)
+        if compute_dtype is not None:
+            outputs = _cast_floats(outputs, jnp.float32)
         losses, weights = loss_fn(outputs, batch)
         size = jnp.shape(losses)[0]
         mask = jnp.asarray(batch["mask"], jnp.float32) if "mask" in batch else jnp.ones((size,), jnp.float32)
