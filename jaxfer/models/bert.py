@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfer.models import heads, registry
-from jaxfer.models.common import LayerStack, SelfAttention, activation, config_dict, dense, padding_bias
+from jaxfer.models.common import LayerNorm, LayerStack, SelfAttention, activation, config_dict, dense, \
+    padding_bias
 from jaxfer.models.keymap import KeyRule, apply_key_map
 
 # Defaults for what a plain-dict config may leave out (HF configs carry every field).
@@ -41,7 +42,7 @@ class DenseNorm(nn.Module):
         c = self.c
         x = dense(c["hidden_size"], c["initializer_range"], "dense")(x)
         x = nn.Dropout(c["hidden_dropout_prob"])(x, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=c["layer_norm_eps"], name="LayerNorm")(x + residual)
+        return LayerNorm(epsilon=c["layer_norm_eps"], name="LayerNorm")(x + residual)
 
 
 class Attention(nn.Module):
@@ -94,7 +95,7 @@ class Embeddings(nn.Module):
         words = nn.Embed(c["vocab_size"], h, embedding_init=init, name="word_embeddings")(input_ids)
         pos = nn.Embed(c["max_position_embeddings"], h, embedding_init=init, name="position_embeddings")(position_ids)
         types = nn.Embed(c["type_vocab_size"], h, embedding_init=init, name="token_type_embeddings")(token_type_ids)
-        x = nn.LayerNorm(epsilon=c["layer_norm_eps"], name="LayerNorm")(words + pos + types)
+        x = LayerNorm(epsilon=c["layer_norm_eps"], name="LayerNorm")(words + pos + types)
         return nn.Dropout(c["hidden_dropout_prob"])(x, deterministic=deterministic)
 
 

@@ -59,11 +59,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxfer.models.fused import LayerNorm, gelu
+
 Activation = Callable[[jax.Array], jax.Array]
 
 # HF ACT2FN names (transformers/activations.py) with the same math.
 ACTIVATIONS: dict[str, Activation] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,  # exact (erf) GELU with a fused backward
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfer.models import heads, registry
-from jaxfer.models.common import LayerStack, SelfAttention, activation, config_dict, dense, pair, to_nhwc
+from jaxfer.models.common import LayerNorm, LayerStack, SelfAttention, activation, config_dict, dense, pair, \
+    to_nhwc
 from jaxfer.models.keymap import KeyRule, apply_key_map
 
 # transformers.ViTConfig defaults (ViT-B/16), for plain-dict configs; pooler_output_size None: hidden_size.
@@ -116,7 +117,7 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool):
         c = self.c
-        ln = lambda name: nn.LayerNorm(epsilon=c["layer_norm_eps"], name=name)
+        ln = lambda name: LayerNorm(epsilon=c["layer_norm_eps"], name=name)
         x = x + Attention(c, name="attention")(ln("layernorm_before")(x), deterministic)
         h = Intermediate(c, name="intermediate")(ln("layernorm_after")(x))
         return x + DenseDropout(c, name="output")(h, deterministic)
@@ -162,7 +163,7 @@ class ViTModel(nn.Module):
         det = not train
         x = Embeddings(c, name="embeddings")(to_nhwc(pixel_values), det)
         states = Encoder(c, name="encoder")(x, det)
-        last = nn.LayerNorm(epsilon=c["layer_norm_eps"], name="layernorm")(states[-1])
+        last = LayerNorm(epsilon=c["layer_norm_eps"], name="layernorm")(states[-1])
         out = {"last_hidden_state": last}
         if self.add_pooling_layer:
             out["pooler_output"] = Pooler(c, name="pooler")(last)
