@@ -1,4 +1,4 @@
-"""``jaxfer train|eval|predict|inspect|export|serve --config configs/x.py[:arg] [--config.a.b=v ...]``.
+"""``jaxfer train|eval|predict|inspect|export|serve|rank --config configs/x.py[:arg] [--config.a.b=v ...]``.
 
 Every host of a multi-host run executes the same command. ``jax.distributed``
 is initialised when the run spans several processes: detected on TPU pods and
@@ -17,7 +17,7 @@ import sys
 
 from jaxfer import config as config_lib
 
-COMMANDS = ("train", "eval", "predict", "inspect", "export", "serve")
+COMMANDS = ("train", "eval", "predict", "inspect", "export", "serve", "rank")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="(serve) port")
     p.add_argument("--max_batch_size", type=int, default=32, help="(serve) most items in one batch")
     p.add_argument("--max_wait_ms", type=float, default=10.0, help="(serve) longest wait to fill a batch")
+    p.add_argument("--candidates", nargs="+", default=None, metavar="SRC",
+                   help="(rank) pretrained models to score: a folder or hub id ('recipe': the recipe's), "
+                        "SRC:scratch (same architecture, random init), SRC:layers=K (its first K layers)")
+    p.add_argument("--finetune-steps", "--finetune_steps", dest="finetune_steps", type=int, default=0,
+                   help="(rank) also fine-tune each candidate this many steps and correlate")
+    p.add_argument("--max_examples", type=int, default=2000,
+                   help="(rank) training examples the features are computed on (a seeded subset)")
     p.add_argument("--split", default="test", choices=("test", "validation"), help="(eval) which split")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--debug", action="store_true", help="full tracebacks for configuration errors")
@@ -177,12 +184,32 @@ def _run(args, cfg) -> int:
         out = args.output or os.path.join(args.workdir, {"stablehlo": "export", "onnx": "model.onnx",
                                                          "savedmodel": "saved_model", "hf": "hf"}[args.format])
         print(f"wrote {deploy.export(deploy.restore(cfg, args.workdir), out, args.format)}")
+    elif args.command == "rank":
+        _rank(args, cfg)
     elif args.command == "serve":
         from jaxfer import deploy
 
         _need_workdir(args)
         _serve(args, deploy.predictor(deploy.restore(cfg, args.workdir), _batch_sizes(args)))
     return 0
+
+
+def _rank(args, cfg) -> None:
+    from jaxfer.train import checkpoint
+    from jaxfer.transfer import rank
+
+    if not args.candidates:
+        raise SystemExit("jaxfer rank: give --candidates SRC [SRC ...] (e.g. recipe recipe:scratch recipe:layers=2)")
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+    cache = os.path.join(args.workdir, "features") if args.workdir else rank.default_cache_dir()
+    result = rank.rank(cfg, args.candidates, finetune_steps=args.finetune_steps,
+                       max_examples=args.max_examples, cache_dir=cache,
+                       log=lambda line: print(line, flush=True))
+    print(rank.format_table(result, args.finetune_steps))
+    if args.workdir:
+        with open(os.path.join(args.workdir, "rank.json"), "w") as f:
+            json.dump(checkpoint.to_jsonable(result), f, indent=1)
 
 
 def _need_workdir(args) -> None:

@@ -45,3 +45,21 @@ def test_readme_peft_block_continues_the_tour(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.asarray(plain), np.asarray(wrapped), atol=1e-5)
     assert os.path.getsize(tmp_path / "tweets_lora.safetensors") < 0.05 * 4 * 22_714_371
     assert "lora" in ns["restored"] and "lora" not in ns["merged"]
+
+
+def test_readme_transfer_block_continues_the_tour():
+    """Scores, a multitask model and loss, the adaptation head, term and mixed batches, as written."""
+    import numpy as np
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    tour = [b for b in blocks if "jf.load(" in b]
+    block = [b for b in blocks if "select." in b]
+    assert len(tour) == 1 and len(block) == 1
+    namespace: dict = {}
+    exec(compile(tour[0], "README.md", "exec"), namespace)
+    exec(compile(block[0], "README.md", "exec"), namespace)
+    batch = namespace["batch"]
+    np.testing.assert_array_equal(batch["domain"], [0] * 4 + [1] * 4)
+    assert (batch["label"][4:] == -100).all() and (batch["label"][:4] >= 0).all()
+    assert sorted(namespace["mt_model"].params["classifier"]) == ["score", "sentiment"]
