@@ -41,7 +41,7 @@ def get_config(arg: str = "full"):
     c.data.download = True
     c.data.splits = ("train[:98%]", "train[98%:]", "test")  # train / validation / test
     c.data.image_size = 224
-    c.data.image_options = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}  # ViT's processor
+    c.data.image_options = {"augment": "imagenet"}  # resize/mean/std: the checkpoint's preprocessor_config.json
     c.data.mixup_alpha = 0.0
     c.data.batch_size = 512 if arg == "pod" else 64
     c.data.eval_batch_size = 512 if arg == "pod" else 128

@@ -50,6 +50,14 @@ def _parse_value(text: str, current):
         raise ValueError(f"expected a boolean, got {text!r}")
     if isinstance(current, str):
         return text
+    if isinstance(current, ml_collections.ConfigDict):  # a whole section, as a dict literal
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a dict literal for a section, got {text!r}")
+        return ml_collections.ConfigDict(value)
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

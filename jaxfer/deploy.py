@@ -70,7 +70,7 @@ def save_spec(workdir: str, cfg, model, label_names: Sequence[str] | None,
     """``workdir/inference/``: ``inference.json`` and, for text, the tokenizer (process 0 writes)."""
     if jax.process_index() != 0:
         return None
-    spec = Spec.from_config(cfg, label_names, task)
+    spec = Spec.from_config(cfg, label_names, task, model.preprocessing())
     tokenizer = model.tokenizer() if spec.kind == "text" else None
     return spec.save(spec_dir(workdir), tokenizer)
 
@@ -81,7 +81,7 @@ def load_spec(cfg, workdir: str, model, task: str) -> tuple[Spec, Any]:
     if os.path.exists(os.path.join(folder, SPEC_FILE)):
         spec = Spec.load(folder)
         return spec, (load_tokenizer(folder) if spec.kind == "text" else None)
-    spec = Spec.from_config(cfg, task=task)
+    spec = Spec.from_config(cfg, task=task, preprocessing=model.preprocessing())
     return spec, (model.tokenizer() if spec.kind == "text" else None)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, tasks
+from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, plots, tasks
 from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
@@ -40,6 +40,8 @@ def head_for(cfg):
 def build_model(cfg, *, place=None) -> Model:
     """``jaxfer.load(model.source, head=Classifier(...), reinit=model.reinit)``; a sequence
     task (causal_lm, seq2seq) takes the model as it is: its own LM head, no classifier.
+    ``model.config`` (when set) names the architecture of a checkpoint without
+    ``config.json`` (a ``.pth``: ``{"model_type": "efficientnet_lite", "variant": "lite0"}``).
 
     ``model.scratch`` (an HF config as a dict, with ``model_type``) instead of a source
     builds that model with random weights, to train from scratch (``model.tokenizer``:
@@ -53,8 +55,9 @@ def build_model(cfg, *, place=None) -> Model:
         config = scratch.to_dict() if hasattr(scratch, "to_dict") else dict(scratch)
         return init_model(config, head_for(cfg), rng=cfg.seed, tokenizer=cfg.model.get("tokenizer") or None,
                           place=place)
+    arch = cfg.model.get("config") or None
     return load_weights(cfg.model.source, head=head_for(cfg), reinit=tuple(cfg.model.reinit),
-                         rng=cfg.seed, place=place)
+                         rng=cfg.seed, place=place, config=arch.to_dict() if hasattr(arch, "to_dict") else arch)
 
 
 def tokenizer_for(cfg, model: Model):
@@ -75,6 +78,7 @@ class Data:
     sizes: dict[str, int]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # sources; DA: source_test ...
     class_targets: tuple[tuple[int, ...], ...] | None = None  # label words' tokens (text-to-text)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # make_pipeline preprocessing
 
 
 def dedupe_by(source, column: str):
@@ -115,12 +119,16 @@ def _sources(cfg):
     if d.kind == "image_folder":
         src = data_lib.read_image_folder(d.path)
         return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
+    if d.kind == "elpv":
+        src = data_lib.read_elpv(d.get("path") or None, threshold=d.get("threshold", 0.5),
+                                 cell_type=d.get("cell_type") or None)
+        return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
     if d.kind == "tfds":
         # each process reads only its own even_splits part of each split
         return tuple(data_lib.TfdsSource(d.name, split, data_dir=d.get("data_dir") or None,
                                              download=d.get("download", True))
                      for split in d.splits)
-    raise ValueError(f"unknown data.kind {d.kind!r}; choose csv, jsonl, image_folder, audio or tfds")
+    raise ValueError(f"unknown data.kind {d.kind!r}; choose csv, jsonl, image_folder, elpv, audio or tfds")
 
 
 def _labels(source) -> np.ndarray | None:
@@ -141,8 +149,10 @@ def _preprocessing(cfg, model: Model, cache_dir: str | None = None) -> dict[str,
                       length_buckets=tuple(buckets) if isinstance(buckets, (tuple, list)) else buckets)
     elif d.kind == "audio":
         pass  # read, resampled and padded by the source
-    else:
-        common.update(image_size=d.image_size, image_options=dict(d.get("image_options", {}) or {}))
+    else:  # the model's own preprocessing (checkpoint or family), refined by the recipe
+        size, options = data_lib.transform_options(model.preprocessing(), d.image_size,
+                                                   dict(d.get("image_options", {}) or {}))
+        common.update(image_size=size, image_options=options)
     return common
 
 
@@ -170,7 +180,7 @@ def build_data(cfg, model: Model, *, cache_dir: str | None = None) -> Data:
     test = data_lib.make_pipeline(test_src, global_batch_size=d.eval_batch_size, train=False, **common)
     names = getattr(train_src, "label_names", None) or (tuple(d.label_names) if d.get("label_names") else None)
     data = Data(train, val, test, tuple(names) if names else None, _labels(train_src),
-                _labels(test_src), sizes, extra=raw, class_targets=class_targets)
+                _labels(test_src), sizes, extra=raw, class_targets=class_targets, options=common)
     return with_target(cfg, model, data) if objective.has_target(cfg) else data
 
 
@@ -419,7 +429,38 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     if workdir and jax.process_index() == 0:
         with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
             json.dump(checkpoint_lib.to_jsonable(result), f, indent=1)
+        if ("image_size" in run.data.options and "confusion_matrix" in test and objective.task_list(cfg) is None
+                and jax.process_count() == 1):
+            write_image_figures(run, state, workdir, test)
     return result
+
+
+def write_image_figures(run: Run, state, workdir: str, test: dict[str, Any], num_images: int = 24) -> None:
+    """``confusion_matrix.png``, ``test_predictions.png`` (a seeded sample of test images
+    with predicted and true labels) and, when the test images are files, ``test_images.txt``
+    and ``test_labels.txt`` (line-aligned: ``jaxfer predict --input test_images.txt``)."""
+    names = run.data.label_names or tuple(str(i) for i in range(run.cfg.model.num_classes))
+    plots.confusion_matrix_png(os.path.join(workdir, "confusion_matrix.png"), test["confusion_matrix"], names,
+                               title=f"test: accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}")
+    src = run.data.extra["test_source"]
+    pick = np.sort(np.random.default_rng(run.cfg.seed).permutation(len(src))[:num_images])
+    subset = (src.select(pick) if hasattr(src, "select")  # tfds: read the few examples into arrays
+              else data_lib.from_arrays(data_lib.stack([src[int(i)] for i in pick])))
+    batches = data_lib.make_pipeline(subset, global_batch_size=run.cfg.data.eval_batch_size, train=False,
+                                     process_index=0, process_count=1, **run.data.options)
+    out = loop.predict(state, run.eval_step, batches, shard_batch=run.shard_batch)
+    logits = out["logits"].astype(np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    predicted = probs.argmax(-1)
+    plots.prediction_grid_png(os.path.join(workdir, "test_predictions.png"),
+                              [subset[i]["image"] for i in range(len(subset))], out["label"], predicted, names,
+                              probabilities=probs.max(-1), title="test images: predicted / true")
+    if hasattr(src, "paths"):
+        with open(os.path.join(workdir, "test_images.txt"), "w") as f:
+            f.writelines(os.path.abspath(p) + "\n" for p in src.paths)
+        with open(os.path.join(workdir, "test_labels.txt"), "w") as f:
+            f.writelines(names[int(y)] + "\n" for y in _labels(src))
 
 
 def evaluate(cfg, workdir: str, split: str = "test") -> dict[str, Any]:

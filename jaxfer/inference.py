@@ -71,13 +71,16 @@ class Spec:
 
     @classmethod
     def from_config(cls, cfg, label_names: Sequence[str] | None = None,
-                    task: str = "classification") -> "Spec":
+                    task: str = "classification", preprocessing: Mapping[str, Any] | None = None) -> "Spec":
         """From a recipe's ``data`` section: ``image_size`` makes it an image recipe,
-        else a text one (``max_length``, ``text``)."""
+        else a text one (``max_length``, ``text``). ``preprocessing``: the model's own
+        (``Model.preprocessing()``), which the recipe's ``image_options`` refine."""
         d = cfg.data
         if d.get("image_size"):
-            pre = {"kind": "image", "image_size": int(d.image_size),
-                   "image_options": dict(d.get("image_options", {}) or {})}
+            from jaxfer.data.image import transform_options
+
+            size, options = transform_options(preprocessing, d.image_size, d.get("image_options", {}) or {})
+            pre = {"kind": "image", "image_size": size, "image_options": options}
         else:
             pre = {"kind": "text", "max_length": int(d.max_length), "text": d.get("text", "text")}
         names = label_names or (tuple(d.label_names) if d.get("label_names") else None)

@@ -128,3 +128,57 @@ def word_tokenizer(path: str, texts) -> str:
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", sep_token="[SEP]",
                             eos_token="[SEP]").save_pretrained(path)
     return path
+
+
+TINY_EFFICIENTNET = {"model_type": "efficientnet_lite", "variant": "lite0", "width_coefficient": 0.25,
+                     "depth_coefficient": 0.25, "fix_head_stem": False}
+
+
+def tiny_efficientnet(path: str, seed: int = 0) -> str:
+    """EfficientNet-Lite0 at a quarter of its width and depth (7 stages of one block, 320
+    head channels), saved in our layout (``model.npz``, ImageNet head included as ``_fc``
+    would load) beside its ``config.json``; its batch-norm statistics are not (0, 1)."""
+    import json
+
+    import jax
+
+    from jaxfer import tree
+    from jaxfer.models import efficientnet
+    from jaxfer.weights import write_npz
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    os.makedirs(path, exist_ok=True)
+    module = efficientnet.build(TINY_EFFICIENTNET)
+    variables = jax.device_get(module.init(jax.random.key(seed), **efficientnet.dummy_inputs(TINY_EFFICIENTNET)))
+    rng = np.random.default_rng(seed)
+    stats = {p: (rng.normal(0, 0.1, v.shape) if p.endswith("mean") else rng.uniform(0.5, 2.0, v.shape)).astype(np.float32)
+             for p, v in tree.flatten(variables["batch_stats"]).items()}
+    write_npz(os.path.join(path, "model.npz"), {"params": variables["params"], "batch_stats": tree.unflatten(stats)})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(TINY_EFFICIENTNET, f)
+    return path
+
+
+def elpv_folder(path: str, n: int = 48, size: int = 40, seed: int = 0) -> str:
+    """An ELPV-shaped folder (``labels.csv`` + greyscale PNGs): every grade and cell type,
+    'defective' cells darker with a crack-like line, so a tiny model can learn them."""
+    from PIL import Image
+
+    if os.path.exists(os.path.join(path, "labels.csv")):
+        return path
+    os.makedirs(os.path.join(path, "images"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        p = (0.0, 1 / 3, 2 / 3, 1.0)[i % 4]
+        kind = ("mono", "poly")[(i // 4) % 2]
+        img = rng.normal(170 if p < 0.5 else 110, 20, (size, size)).clip(0, 255)
+        if p >= 0.5:
+            img[:, size // 2] = 20
+        name = f"images/cell{i:04d}.png"
+        Image.fromarray(img.astype(np.uint8), mode="L").save(os.path.join(path, name))
+        lines.append(f"{name}  {p}  {kind}\n")
+    with open(os.path.join(path, "labels.csv"), "w") as f:
+        f.writelines(lines)
+    return path

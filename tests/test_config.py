@@ -62,3 +62,11 @@ def test_loaded_config_is_locked(recipe):
     assert isinstance(c, ml_collections.ConfigDict)
     with pytest.raises(AttributeError):
         c.new_key = 1
+
+
+def test_a_section_is_replaced_by_a_dict_literal(recipe):
+    c = jconfig.load_with_overrides(recipe, [("train", "{'steps': 3, 'smoke': True, 'extra': 'x'}")])
+    assert isinstance(c.train, ml_collections.ConfigDict) and c.train.to_dict() == {
+        "steps": 3, "smoke": True, "extra": "x"}
+    with pytest.raises(ValueError, match="train.*dict literal"):
+        jconfig.load_with_overrides(recipe, [("train", "3")])

@@ -50,8 +50,9 @@ def test_real_weights_label_real_photos_like_the_reference(real):
     datasets = pytest.importorskip("sklearn.datasets")
     categories = pytest.importorskip("torchvision.models").ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
     ours, ref = real
-    prep = efficientnet.preprocessing(LITE0)
-    transform = image_lib.image_transform(prep["size"], resize=prep["resize"], mean=prep["mean"], std=prep["std"])
+    assert ours.preprocessing() == efficientnet.preprocessing(LITE0)  # no preprocessor_config.json: the family's
+    size, options = image_lib.transform_options(ours.preprocessing())
+    transform = image_lib.image_transform(size, **options)
     x = np.stack([transform({"image": datasets.load_sample_image(n)}, None)["pixel_values"]
                   for n in ("china.jpg", "flower.jpg")])
     logits, ref_logits = _logits(ours, x), torch_out(ref, x)

@@ -6,10 +6,12 @@ text recipes get a tiny BERT (with the real MiniLM tokenizer) and a small CSV,
 tfds recipes get ``tfds.testing.mock_data`` and a tiny ViT.
 """
 
+import csv
 import glob
 import json
 import os
 
+import jax
 import pytest
 
 from jaxfer import cli
@@ -24,6 +26,9 @@ RECIPES = {
     "gpt2_tweets.py": ("tiny", "lm"),
     # on espeak-ng's speech at the tiny sizes in tests/test_speech.py (and colabs/speech_transfer.ipynb)
     "wav2vec2_digits.py": ("tiny", "tiny_then"),
+    # trained here: :probe and :top; :full and :scratch (every parameter trained) are built
+    # and checked in test_effnet_elpv_full_and_scratch (a full backward compile each is slow)
+    "effnet_elpv.py": ("probe", "top"),
 }
 
 
@@ -160,3 +165,66 @@ def test_transfer_mistakes_stop_before_training(text_stand_ins, tmp_path):
     with pytest.raises(SystemExit, match="transfer.l2sp replaces weight decay"):
         cli.main(["train", *args, "--config.optim.weight_decay=0.01"])
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def vision_stand_ins(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vision")
+    return stand_ins.tiny_efficientnet(str(d / "effnet")), stand_ins.elpv_folder(str(d / "elpv"))
+
+
+def _elpv_args(variant, vision_stand_ins, workdir):
+    effnet, elpv = vision_stand_ins
+    return ["--config", os.path.join(ROOT, "configs", f"effnet_elpv.py:{variant}"),
+            f"--config.model.source={effnet}", f"--config.model.config={stand_ins.TINY_EFFICIENTNET}",
+            f"--config.data.path={elpv}", "--config.data.image_size=32", "--config.data.batch_size=8",
+            "--config.data.eval_batch_size=8", "--config.data.splits=(0.5, 0.25, 0.25)",
+            "--workdir", str(workdir)]
+
+
+@pytest.mark.parametrize("variant", RECIPES["effnet_elpv.py"])
+def test_effnet_elpv(variant, vision_stand_ins, tmp_path, capsys):
+    """The vision quickstart on a tiny EfficientNet and an ELPV-shaped folder: it trains what
+    the variant says, writes the figures, and predicting on the test images' files gives
+    exactly eval's test metrics."""
+    args = _elpv_args(variant, vision_stand_ins, tmp_path / "run")
+    assert cli.main(["train", *args, *SHORT]) == 0
+    out = capsys.readouterr().out
+    assert "majority-class baseline" in out
+    run = tmp_path / "run"
+    result = json.load(open(run / "test_metrics.json"))
+    assert result["test"]["num_examples"] == 16  # 2 of the 6 cells of each grade x cell type
+    for name in ("confusion_matrix.png", "test_predictions.png", "curves.png"):
+        assert os.path.getsize(run / name) > 1000
+    if variant == "top":
+        assert cli.main(["inspect", *args]) == 0
+        table = capsys.readouterr().out
+        assert "efficientnet/blocks/6" in table and "efficientnet/stem" in table
+        assert cli.main(["eval", *args]) == 0
+        evaluated = json.loads(capsys.readouterr().out)
+        assert cli.main(["predict", *args, "--input", str(run / "test_images.txt"),
+                         "--output", str(tmp_path / "preds.csv")]) == 0
+        with open(tmp_path / "preds.csv") as f:
+            predicted = [row["label"] for row in csv.DictReader(f)]
+        true = open(run / "test_labels.txt").read().split()
+        assert len(predicted) == len(true) == 16
+        accuracy = sum(p == t for p, t in zip(predicted, true)) / len(true)
+        assert accuracy == pytest.approx(evaluated["accuracy"]) == pytest.approx(result["test"]["accuracy"])
+
+
+def test_effnet_elpv_full_and_scratch(vision_stand_ins, tmp_path):
+    """:full starts from every pretrained tensor, :scratch from none; both train every parameter."""
+    from jaxfer import config as jconfig, experiment, masks, tree
+
+    for variant in ("full", "scratch"):
+        args = _elpv_args(variant, vision_stand_ins, tmp_path / variant)
+        spec, overrides = jconfig.split_overrides(args[:-2])
+        cfg = jconfig.load_with_overrides(spec[1], overrides)
+        model = experiment.build_model(cfg)
+        backbone = [p for p in tree.flatten(model.params) if not p.startswith("classifier/")]
+        if variant == "full":
+            assert set(backbone) <= set(model.report.loaded) and not model.report.reinitialized
+        else:  # nothing pretrained survives
+            assert not model.report.loaded and set(backbone) <= set(model.report.reinitialized)
+        trainable = masks.trainable_mask(model.params, experiment._rules(cfg))
+        assert all(jax.tree_util.tree_leaves(trainable))

@@ -5,17 +5,20 @@ training iterators are resumable (``get_state`` / ``set_state``), evaluation
 iterators cover every example exactly once. See ``iterators.py`` for the contract.
 """
 
+from jaxfer.data import augment
+from jaxfer.data.augment import Augment
 from jaxfer.data.audio import AudioSource, CharVocab, read_audio_csv, read_wav, transcribe
 from jaxfer.data.buckets import Buckets
 from jaxfer.data.image import (IMAGENET_MEAN, IMAGENET_STD, center_crop, image_transform,
-                               mixup, normalize, random_resized_crop_box, resize)
+                               mixup, normalize, random_resized_crop_box, resize, transform_options)
 from jaxfer.data.iterators import EvalBatches, Prefetch, TrainIterator
 from jaxfer.data.mixture import EvalChain, Mixture, mixture_sizes
 from jaxfer.data.pipeline import (SOURCES, make_pipeline, make_source, pipeline,
                                   process_info, shard, split_source)
-from jaxfer.data.sources import (ArraySource, ImageFolderSource, encode_labels, from_arrays,
-                                 from_records, gather, read_csv, read_image_folder, read_jsonl,
-                                 stack)
+from jaxfer.data.elpv import read_elpv
+from jaxfer.data.sources import (ArraySource, ImageFileSource, ImageFolderSource, encode_labels,
+                                 from_arrays, from_records, gather, read_csv, read_image,
+                                 read_image_folder, read_jsonl, stack)
 from jaxfer.data.split import local_batch_size, shard_indices, shard_sizes, split_indices
 from jaxfer.data.text import load_tokenizer, tokenize, tokenize_text_to_text, tokenize_texts
 from jaxfer.data.tfds_source import TfdsSource

@@ -1,6 +1,6 @@
 """Image preprocessing and augmentation on host (numpy + PIL), seeded.
 
-Examples carry ``"image"`` (HWC uint8 RGB array, or a PIL image); the transforms
+Examples carry ``"image"`` (HWC uint8 RGB or HW greyscale array, or a PIL image); the transforms
 below turn it into ``"pixel_values"``: CHW float32, scaled to [0, 1] and normalised
 with ``mean``/``std``, the layout and numbers of HuggingFace image processors.
 Matching a HF processor:
@@ -9,15 +9,22 @@ Matching a HF processor:
   ``image_transform(224, resize=(224, 224), mean=(0.5,) * 3, std=(0.5,) * 3)``
 * ResNet / ConvNeXt style (shorter side to 256, centre crop 224, ImageNet stats):
   ``image_transform(224, resize=256)`` (the default ``resize`` is ``size / 0.875``).
+
+Recipes do not type these numbers: :func:`transform_options` turns a model's
+own description (``jaxfer.Model.preprocessing()``: the checkpoint's
+``preprocessor_config.json``, else the family's) into the arguments.
+Training augmentation presets live in :mod:`jaxfer.data.augment`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxfer.data import augment as augment_lib
+from jaxfer.data.augment import random_resized_crop_box  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,32 +70,6 @@ def normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def random_resized_crop_box(
-    rng: np.random.Generator, height: int, width: int,
-    scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of a random crop covering ``scale`` of the area with
-    aspect ratio in ``ratio`` (log-uniform); after 10 misses, the central crop
-    clamped to ``ratio`` (the Inception / torchvision recipe)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 def image_transform(
     size: int,
     *,
@@ -96,9 +77,7 @@ def image_transform(
     resize: int | tuple[int, int] | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
-    hflip: bool = True,
+    augment: str | augment_lib.Augment | Mapping[str, Any] = "imagenet",
     resample: str = "bilinear",
     key: str = "image",
     out_key: str = "pixel_values",
@@ -107,30 +86,64 @@ def image_transform(
 
     Evaluation (``train=False``): resize (``resize`` as in :func:`resize`; default
     shorter side ``round(size / 0.875)``), centre crop ``size``, normalise.
-    Training: random resized crop to ``size x size`` (``scale``, ``ratio``), random
-    horizontal flip when ``hflip``, normalise. All randomness comes from ``rng``.
+    Training: ``augment`` (a preset name of :mod:`jaxfer.data.augment`, an
+    ``Augment`` or a dict of its fields): a random resized crop to ``size x size``
+    (or, without ``crop``, the evaluation resize and crop), then flips, rotation,
+    colour jitter and RandAugment ops as it says, then normalise. All randomness
+    comes from ``rng``.
+
+    Greyscale images (``(H, W)`` or ``(H, W, 1)`` arrays, mode ``L`` files) are
+    replicated into three equal channels before normalising: exactly what an
+    RGB-pretrained network sees for a grey photo, so its first layer stays as
+    trained (summing its kernels over channels instead would not be the same
+    function once each channel is normalised with its own mean and std).
     """
     resize_to = round(size / 0.875) if resize is None else resize
+    policy = augment_lib.get(augment)
+    filter_ = _RESAMPLE[resample]
 
     def fn(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         example = dict(example)
         im = _pil(example.pop(key))
-        if train:
-            w, h = im.size
-            top, left, ch, cw = random_resized_crop_box(rng, h, w, scale, ratio)
-            im = im.resize((size, size), _RESAMPLE[resample],
-                           box=(left, top, left + cw, top + ch))
-            if hflip and rng.random() < 0.5:
-                im = im.transpose(0)  # FLIP_LEFT_RIGHT
+        if train and policy.crop:
+            im = augment_lib.crop_and_resize(im, size, policy, rng, filter_)
         else:
             im = _resize_fn(im, resize_to, resample)
             if im.size != (size, size):
                 im = center_crop(im, size)
+        if train:
+            im = augment_lib.apply(im, policy, rng)
         example[out_key] = normalize(im, mean, std)
         return example
 
     return fn
 
+
+def transform_options(preprocessing: Mapping[str, Any] | None, size: int | None = None,
+                      overrides: Mapping[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """A model's preprocessing description -> ``(size, image_transform kwargs)``.
+
+    ``preprocessing`` (``jaxfer.Model.preprocessing()``: from the checkpoint's
+    ``preprocessor_config.json`` or the family) holds ``size`` (the trained
+    resolution), ``crop_pct`` (shorter side resized to ``size / crop_pct`` then
+    centre-cropped; ``None``: resized straight to ``size x size``), ``mean``,
+    ``std`` and ``resample``. ``size`` overrides the resolution, keeping the crop
+    fraction, so a smaller input sees the same field of view. ``overrides`` (a
+    recipe's ``data.image_options``) win over what the model says. Without a
+    description (``None``) the transform's defaults stay (ImageNet statistics).
+    """
+    if preprocessing is None:
+        if not size:
+            raise ValueError("no image size: the model describes no preprocessing; set data.image_size")
+        return int(size), dict(overrides or {})
+    size = int(size or preprocessing["size"])
+    crop_pct = preprocessing.get("crop_pct")
+    opts: dict[str, Any] = {"resize": (size, size) if crop_pct is None else round(size / crop_pct)}
+    for k in ("mean", "std", "resample"):
+        if preprocessing.get(k) is not None:
+            opts[k] = tuple(preprocessing[k]) if k != "resample" else preprocessing[k]
+    opts.update(overrides or {})
+    return size, opts
 
 
 def mixup(

@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxfer.data import audio as audio_lib
 from jaxfer.data import buckets as buckets_lib
+from jaxfer.data import elpv
 from jaxfer.data import image as image_lib
 from jaxfer.data import sources as sources_lib
 from jaxfer.data import text as text_lib
@@ -70,7 +71,8 @@ def split_source(
     source, fractions: Sequence[float] = (0.8, 0.1, 0.1), *, seed: int = 0, stratify: bool = True
 ) -> tuple[Any, ...]:
     """Deterministic disjoint splits of a source with ``select`` (arrays, CSV,
-    JSONL, image folders), stratified by ``label`` when it holds class ids."""
+    JSONL, image folders), stratified by its ``stratum`` column when it has one
+    (finer groups, e.g. ELPV's grade x cell type), else by ``label`` when it holds class ids."""
     labels = _class_labels(source) if stratify else None
     parts = split_indices(len(source), fractions, seed=seed, stratify=labels)
     return tuple(source.select(p) for p in parts)
@@ -79,7 +81,7 @@ def split_source(
 def _class_labels(source) -> np.ndarray | None:
     labels = getattr(source, "labels", None)
     if labels is None and hasattr(source, "columns"):
-        labels = source.columns.get("label")
+        labels = source.columns.get("stratum", source.columns.get("label"))
     if labels is None or not np.issubdtype(np.asarray(labels).dtype, np.integer):
         return None
     return np.asarray(labels)
@@ -141,6 +143,7 @@ SOURCES = {
     "arrays": sources_lib.from_arrays,
     "image_folder": sources_lib.read_image_folder,
     "audio": audio_lib.read_audio_csv,
+    "elpv": elpv.read_elpv,
     "tfds": TfdsSource,
 }
 
@@ -149,6 +152,7 @@ def make_source(kind: str, **kwargs):
     """``SOURCES[kind](**kwargs)``: ``csv``/``jsonl`` (path, text, label, task,
     label_names), ``arrays`` (columns, label), ``image_folder`` (root), ``audio`` (a CSV of
     WAV paths with transcripts or labels: path, audio, text, label, sampling_rate, max_seconds),
+    ``elpv`` (root, threshold, cell_type),
     ``tfds`` (name, split, process_index, process_count, data_dir)."""
     if kind not in SOURCES:
         raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(SOURCES)}")

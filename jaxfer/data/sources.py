@@ -233,6 +233,51 @@ def read_image_folder(
     )
 
 
+# -------------------------------------------------------- image files
+def read_image(path: str) -> np.ndarray:
+    """An image file as uint8: ``(H, W)`` for greyscale files, ``(H, W, 3)`` RGB otherwise
+    (greyscale stays one channel here; the image transform replicates it, see
+    :func:`jaxfer.data.image.image_transform`)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        return np.asarray(im.convert("L" if grey else "RGB"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFileSource:
+    """Image files read lazily, beside columns held in memory (``label``, ``id``, metadata).
+
+    ``source[i]`` is ``{"image": read_image(paths[i]), **{column: value[i]}}``.
+    ``select`` keeps paths and columns aligned, so a split or shard of it still
+    knows each example's metadata (e.g. ELPV's cell type).
+    """
+
+    paths: tuple[str, ...]
+    columns: Mapping[str, np.ndarray]
+    label_names: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        cols = {k: np.asarray(v) for k, v in self.columns.items()}
+        bad = {k: len(v) for k, v in cols.items() if len(v) != len(self.paths)}
+        if bad:
+            raise ValueError(f"{len(self.paths)} image paths but column lengths {bad}")
+        object.__setattr__(self, "paths", tuple(self.paths))
+        object.__setattr__(self, "columns", cols)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"image": read_image(self.paths[i]), **{k: v[i] for k, v in self.columns.items()}}
+
+    def select(self, indices: np.ndarray) -> ImageFileSource:
+        indices = np.asarray(indices, np.int64)
+        return dataclasses.replace(self, paths=tuple(self.paths[i] for i in indices),
+                                   columns={k: v[indices] for k, v in self.columns.items()})
+
+
 # --------------------------------------------------------------- batching
 def gather(source, indices: np.ndarray) -> dict[str, np.ndarray]:
     """``source.gather`` if it has one, else stack ``source[i]`` examples."""

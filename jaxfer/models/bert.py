@@ -199,4 +199,6 @@ for _type, _prefix in (("bert", "bert"), ("roberta", "roberta")):
         default_pooling="pooler",
         key_map=tuple(KEY_MAP),
         task_heads=TASK_HEADS[_type],
+        feature_layers=lambda config: ("embeddings", *(f"encoder/layer/{i}" for i in range(
+            int(config_dict(config)["num_hidden_layers"])))),
     ))

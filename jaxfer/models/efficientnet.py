@@ -285,11 +285,11 @@ def feature_layers(config: Any) -> tuple[str, ...]:
 
 
 def preprocessing(config: Any) -> dict:
-    """The ImageNet evaluation transform of ``efficientnet_lite_pytorch``'s example:
-    resize the shorter side to the variant's resolution, centre crop, ImageNet mean/std."""
-    size = resolve(config)["image_size"]
-    return {"size": size, "resize": size, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-            "resample": "bilinear"}
+    """What the weights were trained on, as ``efficientnet_lite_pytorch``'s example feeds
+    them: the variant's resolution, the shorter side resized to it (``crop_pct`` 1: no
+    border cropped), ImageNet mean/std, bilinear."""
+    return {"size": resolve(config)["image_size"], "crop_pct": 1.0, "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225), "resample": "bilinear"}
 
 
 registry.register(registry.Family(

@@ -197,6 +197,17 @@ def build(config: Any) -> ResNetModel:
     return ResNetModel(config)
 
 
+def preprocessing(config: Any) -> dict:
+    """microsoft/resnet-*'s ``ConvNextImageProcessor``: shorter side 224 / 0.875, centre crop
+    224, ImageNet mean/std, bicubic."""
+    return {"size": 224, "crop_pct": 0.875, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "resample": "bicubic"}
+
+
+def feature_layers(config: Any) -> tuple[str, ...]:
+    return ("embedder", *(f"encoder/stages/{i}" for i in range(len(config_dict(config, DEFAULTS)["depths"]))))
+
+
 registry.register(registry.Family(
     model_type="resnet",
     build=build,
@@ -210,4 +221,6 @@ registry.register(registry.Family(
     # Sequential(Flatten, Linear): the Linear is classifier.1
     task_heads={"ResNetForImageClassification":
                 lambda n, config: heads.Classifier(n, pooling="pooler", dense_name="1")},
+    feature_layers=feature_layers,
+    preprocessing=preprocessing,
 ))

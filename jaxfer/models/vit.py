@@ -225,6 +225,17 @@ def build(config: Any) -> ViTModel:
     return ViTModel(config, add_pooling_layer=has_pooler(config))
 
 
+def preprocessing(config: Any) -> dict:
+    """``ViTImageProcessor``: resized straight to the config's ``image_size``, mean = std = 0.5."""
+    return {"size": pair(config_dict(config, DEFAULTS)["image_size"])[0], "crop_pct": None, "mean": (0.5,) * 3,
+            "std": (0.5,) * 3, "resample": "bilinear"}
+
+
+def feature_layers(config: Any) -> tuple[str, ...]:
+    n = int(config_dict(config, DEFAULTS)["num_hidden_layers"])
+    return ("embeddings", *(f"encoder/layer/{i}" for i in range(n)))
+
+
 registry.register(registry.Family(
     model_type="vit",
     build=build,
@@ -236,4 +247,6 @@ registry.register(registry.Family(
     default_pooling="cls",
     key_map=tuple(KEY_MAP),
     task_heads={"ViTForImageClassification": lambda n, config: heads.Classifier(n, pooling="cls")},
+    feature_layers=feature_layers,
+    preprocessing=preprocessing,
 ))

@@ -104,6 +104,16 @@ class Model:
 
         return transformers.AutoImageProcessor.from_pretrained(str(self._dir()), **kw)
 
+    def preprocessing(self) -> dict | None:
+        """The image inputs the weights expect: ``{size, crop_pct, mean, std, resample}`` from
+        the checkpoint's ``preprocessor_config.json``, else the family's description, else
+        ``None`` (text models); :func:`jaxfer.data.image.transform_options` turns it into
+        transform arguments."""
+        found = sources.read_preprocessing(self.source) if self.source is not None else None
+        if found is None and self.family.preprocessing is not None:
+            found = self.family.preprocessing(self.config)
+        return found
+
     def _dir(self) -> Path:
         if self.source is None:
             raise ValueError("this model was not loaded from a directory")

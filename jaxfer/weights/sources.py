@@ -75,3 +75,47 @@ def read_config(directory: str | os.PathLike) -> Any:
 
 def model_type(config: Any) -> str:
     return config["model_type"] if isinstance(config, dict) else config.model_type
+
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def _side(x: Any) -> int | None:
+    if isinstance(x, int):
+        return x
+    if isinstance(x, dict):
+        return x.get("shortest_edge") or x.get("height")
+    return None
+
+
+def read_preprocessing(directory: str | os.PathLike) -> dict | None:
+    """``preprocessor_config.json`` (a HF image processor's) -> ``{size, crop_pct, mean, std,
+    resample}`` (see :func:`jaxfer.data.image.transform_options`); ``None`` without the file.
+
+    ``size: {height, width}`` without a centre crop resizes straight to it
+    (``crop_pct=None``); ``size: {shortest_edge}`` with ``crop_pct`` (ConvNeXt/ResNet)
+    or with ``crop_size`` (``do_center_crop``) resizes the shorter side and crops.
+    """
+    directory = Path(directory)
+    path = (directory if directory.is_dir() else directory.parent) / "preprocessor_config.json"
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    size_field = raw.get("size")
+    resized = _side(size_field)
+    if resized is None:
+        raise ValueError(f"{path}: no usable 'size' ({size_field!r})")
+    if raw.get("do_center_crop") and _side(raw.get("crop_size")):
+        size, crop_pct = _side(raw["crop_size"]), _side(raw["crop_size"]) / resized
+    elif isinstance(size_field, dict) and "shortest_edge" in size_field:
+        size, crop_pct = resized, float(raw.get("crop_pct") or 1.0)
+    else:
+        size, crop_pct = resized, None
+    normalise = raw.get("do_normalize", True)
+    return {"size": int(size), "crop_pct": crop_pct,
+            "mean": tuple(raw.get("image_mean", (0.0, 0.0, 0.0))) if normalise else (0.0, 0.0, 0.0),
+            "std": tuple(raw.get("image_std", (1.0, 1.0, 1.0))) if normalise else (1.0, 1.0, 1.0),
+            "resample": _PIL_RESAMPLE.get(raw.get("resample", 2), "bilinear")}
