@@ -34,7 +34,8 @@ class Family:
         family's declarative key map consumed (the loader reports them as
         unexpected). Returned paths have no prefix either.
       dummy_inputs: ``config -> dict`` of example inputs for ``init``.
-      layer_pattern: regex whose first group is the layer index in a param path,
+      layer_pattern: regex whose first group is the layer index in a param path
+        (or a function ``path -> int | None``),
         used by layer-range masks, layer-wise lr decay and cached prefixes. For
         a family with several stacks (T5), the first stack's (see ``layer_stacks``).
       num_layers: ``config -> int`` (all stacks together).
@@ -54,10 +55,10 @@ class Family:
       feature_layers: ``config -> tuple`` of module paths inside the backbone
         whose outputs are the family's named feature maps (stage ends, shallow to
         deep; :mod:`jaxfer.models.feature_maps`).
-      preprocessing: ``config -> dict`` of what the pretrained weights expect
-        (``size``, ``resize``, ``mean``, ``std``, ``resample``; the arguments of
-        :func:`jaxfer.data.image.image_transform`), used when the checkpoint has no
-        ``preprocessor_config.json``.
+      preprocessing: ``config -> dict`` of the inputs the pretrained weights expect
+        (``size``, ``crop_pct``, ``mean``, ``std``, ``resample``; see
+        :func:`jaxfer.data.image.transform_options`), used when the checkpoint has
+        no ``preprocessor_config.json``.
       layer_stacks: ``config -> ((regex, size), ...)`` for families with several
         layer stacks (T5: encoder then decoder); ``None`` for one stack.
       key_map: the family's ``KEY_MAP`` (the rules ``convert`` applies); saving
@@ -71,7 +72,7 @@ class Family:
     build: Callable[[Any], Any]
     convert: Callable[[Mapping[str, np.ndarray], Any], tuple[FlatVariables, list[str]]]
     dummy_inputs: Callable[[Any], dict]
-    layer_pattern: str
+    layer_pattern: str | Callable[[str], int | None]
     num_layers: Callable[[Any], int]
     base_model_prefix: str = ""
     default_pooling: str = "pooler"
@@ -118,7 +119,8 @@ def _import_builtin_families() -> None:
     # Imported lazily so that `import jaxfer` stays cheap; each module registers itself.
     import importlib
 
-    for name in ("bert", "vit", "resnet", "efficientnet", "gpt2", "t5", "distilbert", "wav2vec2"):
+    for name in ("bert", "vit", "resnet", "efficientnet", "vgg", "inception", "gpt2", "t5", "distilbert",
+                 "wav2vec2"):
         try:
             importlib.import_module(f"jaxfer.models.{name}")
         except ModuleNotFoundError as e:  # a family not written yet

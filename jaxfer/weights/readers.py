@@ -3,8 +3,9 @@
 Two kinds of result (:class:`Checkpoint`):
 
 * ``state_dict``: ``{torch name: np.ndarray}`` from ``model.safetensors`` (single or
-  sharded with ``model.safetensors.index.json``) and ``pytorch_model.bin`` (single
-  or sharded); these still need a family key map;
+  sharded with ``model.safetensors.index.json``), ``pytorch_model.bin`` (single
+  or sharded) and ``.pth``/``.pt``, or ``{"<layer>/<weight>": np.ndarray}`` from Keras
+  ``.h5``; these still need a family key map;
 * ``variables``: ``{collection: {our/path: np.ndarray}}`` from ``flax_model.msgpack``,
   ``.npz`` (flat path keys) and orbax checkpoint directories: already our layout.
 
@@ -33,7 +34,7 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass
 class Checkpoint:
-    format: str  # "safetensors" | "pytorch" | "msgpack" | "npz" | "orbax"
+    format: str  # "safetensors" | "pytorch" | "msgpack" | "npz" | "orbax" | "keras"
     files: list[Path]
     state_dict: dict[str, np.ndarray] | None = None
     variables: dict[str, dict[str, np.ndarray]] | None = None
@@ -61,7 +62,7 @@ def find(path: str | Path) -> tuple[str, list[Path]]:
         if _is_orbax(path / sub):
             return "orbax", [path / sub]
     found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.npz"))
-    found = found or sorted(path.glob("*.pth")) + sorted(path.glob("*.pt"))  # a lone torch state dict
+    found = found or sorted(path.glob("*.pth")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.h5"))  # a lone file
     if len(found) == 1:
         return find(found[0])
     listing = ", ".join(sorted(p.name for p in path.iterdir())) or "empty"
@@ -79,6 +80,8 @@ def _format_of_file(path: Path) -> str:
         return "msgpack"
     if name.endswith(".npz"):
         return "npz"
+    if name.endswith((".h5", ".hdf5")):
+        return "keras"
     raise CheckpointError(f"{path}: unknown checkpoint format")
 
 
@@ -108,6 +111,8 @@ def read(path: str | Path) -> Checkpoint:
         return Checkpoint(fmt, files, variables=read_msgpack(files[0]))
     if fmt == "npz":
         return Checkpoint(fmt, files, variables=read_npz(files[0]))
+    if fmt == "keras":
+        return Checkpoint(fmt, files, state_dict=read_keras_h5(files[0]))
     return Checkpoint(fmt, files, variables=read_orbax(files[0]))
 
 
@@ -157,6 +162,63 @@ def read_torch(path: Path) -> dict[str, np.ndarray]:
             t = t.float()
         out[key] = t.numpy()
     return out
+
+
+# Keras 3 ``.weights.h5`` stores variables by index per layer class; their names, in order.
+_KERAS_VARS = {"conv2d": ("kernel", "bias"), "dense": ("kernel", "bias"), "depthwise_conv2d": ("kernel", "bias"),
+               "batch_normalization": ("gamma", "beta", "moving_mean", "moving_variance")}
+
+
+def read_keras_h5(path: Path) -> dict[str, np.ndarray]:
+    """Keras weights in HDF5 -> ``{"<layer>/<weight>": array}`` (``block1_conv1/kernel``,
+    ``batch_normalization_3/moving_mean``), in the file's layer order.
+
+    Two layouts: the one Keras applications ship and ``model.save("x.h5")`` writes
+    (``layer_names`` / ``weight_names`` attributes, at the root or under
+    ``model_weights``), and Keras 3's ``model.save_weights("x.weights.h5")``
+    (``layers/<class>/vars/<i>``, names by layer class: conv/dense ``kernel, bias``;
+    batch norm ``gamma, beta, moving_mean, moving_variance``, without ``gamma``
+    when it has three: ``scale=False``). Kernels stay in Keras's own layout (HWIO,
+    ``(in, out)``), which a family's key map knows.
+    """
+    try:
+        import h5py
+    except ImportError:
+        raise CheckpointError(f"{path}: a Keras .h5 file; reading it needs h5py (pip install 'jaxfer[keras]')") from None
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["model_weights"] if "model_weights" in f else f
+            out: dict[str, np.ndarray] = {}
+            if "layer_names" in group.attrs:
+                for layer in _names(group.attrs["layer_names"]):
+                    for weight in _names(group[layer].attrs.get("weight_names", [])):
+                        key = weight.split(":")[0]
+                        out[key if "/" in key else f"{layer}/{key}"] = np.asarray(group[layer][weight])
+                return out
+            if "layers" in f:
+                for cls_name, layer in f["layers"].items():
+                    if "vars" not in layer or not len(layer["vars"]):
+                        continue
+                    name = layer["vars"].attrs.get("name", cls_name)
+                    name = name.decode() if isinstance(name, bytes) else str(name)
+                    kind = cls_name.rstrip("0123456789").rstrip("_")
+                    n = len(layer["vars"])
+                    names = _KERAS_VARS.get(kind)
+                    if names is None:
+                        raise CheckpointError(f"{path}: layer {name!r} of class {kind!r}: variable names unknown")
+                    names = names[1:] if kind == "batch_normalization" and n == 3 else names[:n]
+                    for i, var in enumerate(names):
+                        out[f"{name}/{var}"] = np.asarray(layer["vars"][str(i)])
+                return out
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable Keras HDF5 file (corrupt or truncated?): {e}") from e
+    raise CheckpointError(f"{path}: an HDF5 file without Keras weights (no layer_names, no layers/)")
+
+
+def _names(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
 
 
 def _as_variables(tree_like: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
