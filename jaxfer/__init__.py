@@ -18,6 +18,7 @@ from jaxfer import config, data, deploy, export, generation, masks, metrics, opt
 from jaxfer.generation import generate
 from jaxfer.param_table import explain
 from jaxfer.models import heads
+from jaxfer.models.feature_maps import feature_maps
 from jaxfer.train import checkpoint, losses, parallel
 from jaxfer.train.checkpoint import Checkpointer
 from jaxfer.train.loop import evaluate, fit, predict
@@ -29,8 +30,8 @@ from jaxfer.weights.save import save
 
 __all__ = [
     "Checkpointer", "Model", "TrainState", "checkpoint", "config", "data", "deploy", "evaluate", "explain",
-    "export", "fit", "generate", "generation", "heads", "init_model", "linen_apply", "load", "losses",
-    "make_eval_step", "make_train_step", "masks", "metrics", "model_apply", "optim", "parallel", "predict",
+    "export", "feature_maps", "fit", "generate", "generation", "heads", "init_model", "linen_apply", "load",
+    "losses", "make_eval_step", "make_train_step", "masks", "metrics", "model_apply", "optim", "parallel", "predict",
     "save", "surgery", "tasks", "tree",
 ]
 __version__ = "0.1.0"
