@@ -223,7 +223,8 @@ def test_effnet_elpv_full_and_scratch(vision_stand_ins, tmp_path):
         model = experiment.build_model(cfg)
         backbone = [p for p in tree.flatten(model.params) if not p.startswith("classifier/")]
         if variant == "full":
-            assert set(backbone) <= set(model.report.loaded) and not model.report.reinitialized
+            assert set(backbone) <= set(model.report.loaded)
+            assert sorted(model.report.reinitialized) == ["classifier/bias", "classifier/kernel"]
         else:  # nothing pretrained survives
             assert not model.report.loaded and set(backbone) <= set(model.report.reinitialized)
         trainable = masks.trainable_mask(model.params, experiment._rules(cfg))
