@@ -3,7 +3,7 @@
 Data: ``espeak-ng`` speaks 2..4 digit words per utterance in the chosen voices, speed and
 pitch varying per utterance (:mod:`jaxfer.data.espeak`; written once under
 ``data.synthesize.root``), 16 kHz. No pretrained wav2vec2 installs offline, so the model
-is built from the family config (about 0.13M parameters, 20 ms frames) and trained
+is built from the family config (96k parameters, 20 ms frames) and trained
 here; a real user would start from ``facebook/wav2vec2-base`` (``model.source``) with the
 same task section. Characters are the CTC targets (``data.vocab``); evaluation reports
 WER and CER of greedy transcripts.
