@@ -125,6 +125,7 @@ def get_config(arg: str = "top2"):
     c.train.compute_dtype = ""  # "bfloat16": mixed precision, float32 master weights
     c.train.frozen_dtype = ""  # "bfloat16": frozen weights stored in half the memory
     c.train.compilation_cache = ""  # e.g. "~/.cache/jaxfer/xla": reruns skip XLA compiles
+    c.train.strict_resume = False  # True: an unreadable latest checkpoint stops the run
     c.train.trainable_only_checkpoints = arg not in ("full", "l2sp", "scratch")
 
     c.transfer = ml_collections.ConfigDict()  # jaxfer.transfer.peft documents these keys

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from jaxfer import config as config_lib
@@ -127,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(args)
     _show_progress_logs()
 
+    from jaxfer.errors import Preempted
+
     try:
         return _run(args, cfg)
+    except Preempted as e:  # saved; the scheduler restarts the same command to resume
+        print(f"jaxfer {args.command}: {e}", file=sys.stderr, flush=True)
+        return 128 + (e.signum or signal.SIGTERM)
     except _user_errors() as e:  # a bad rule, checkpoint or path: the message says it all
         if args.debug:
             raise
@@ -150,8 +156,6 @@ def _run(args, cfg) -> int:
     from jaxfer.train import checkpoint
 
     if args.command == "train":
-        if args.workdir:
-            os.makedirs(args.workdir, exist_ok=True)
         experiment.train(cfg, args.workdir, progress=not args.no_progress)
     elif args.command == "eval":
         if not args.workdir:

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 
+from jaxfer import workdir as workdir_lib
 from jaxfer.inference import DEFAULT_BATCH_SIZES, SPEC_DIR, SPEC_FILE, Predictor, Spec, load_tokenizer
 
 FORMATS = ("stablehlo", "onnx", "savedmodel", "hf")
@@ -78,9 +79,12 @@ def save_spec(workdir: str, cfg, model, label_names: Sequence[str] | None,
 def load_spec(cfg, workdir: str, model, task: str) -> tuple[Spec, Any]:
     """The workdir's saved spec and tokenizer, else the recipe's and the model source's."""
     folder = spec_dir(workdir)
-    if os.path.exists(os.path.join(folder, SPEC_FILE)):
+    if workdir_lib.exists(workdir_lib.path(folder) / SPEC_FILE):
         spec = Spec.load(folder)
-        return spec, (load_tokenizer(folder) if spec.kind == "text" else None)
+        if spec.kind != "text":
+            return spec, None
+        with workdir_lib.local_copy(folder) as local:
+            return spec, load_tokenizer(local)
     spec = Spec.from_config(cfg, task=task, preprocessing=model.preprocessing())
     return spec, (model.tokenizer() if spec.kind == "text" else None)
 

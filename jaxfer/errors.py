@@ -36,6 +36,14 @@ class CheckpointError(JaxferError, RuntimeError):
     """A training checkpoint is missing, partial or corrupt, or does not fit the template."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A training checkpoint on disk is partial or corrupt (``step`` names it)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 class WorkdirError(JaxferError, OSError):
     """The run directory cannot be used: held by another run, read-only, or full."""
 

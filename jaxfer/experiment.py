@@ -13,7 +13,7 @@ parts initialised afresh); a model is never silently trained from scratch.
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import os
 import time
 from collections.abc import Sequence
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, plots, tasks
+from jaxfer import workdir as workdir_lib
 from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
@@ -344,11 +345,10 @@ def initialised_from(model: Model, workdir: str) -> Model:
 
     from jaxfer import tree
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = workdir_lib.path(workdir) / "config.json"
+    if not workdir_lib.exists(path):
         raise FileNotFoundError(f"model.init_from={workdir!r}: no config.json there (not a jaxfer run workdir)")
-    with open(path) as f:
-        previous = ml_collections.ConfigDict(json.load(f))
+    previous = ml_collections.ConfigDict(workdir_lib.read_json(path))
     params = restore_trained(previous, workdir, with_data=False).state.params
     ours = {p: np.shape(v) for p, v in tree.flatten(model.params).items()}
     theirs = {p: np.shape(v) for p, v in tree.flatten(params).items()}
@@ -387,7 +387,20 @@ def _log(msg: str) -> None:
 
 
 def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str, Any]:
-    """Run a recipe to the end and report validation/test metrics and the baseline."""
+    """Run a recipe to the end and report validation/test metrics and the baseline.
+
+    The workdir is locked from the start (a second run on it fails at once)
+    until ``test_metrics.json`` is written.
+    """
+    lock = loop.hold_lock(workdir) if workdir else None
+    try:
+        return _train(cfg, workdir, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, workdir: str | None, progress: bool) -> dict[str, Any]:
     t0 = time.time()
     run = setup(cfg, workdir)
     _log(str(run.model.report))
@@ -405,7 +418,8 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         workdir=workdir, checkpointer=run.checkpointer, checkpoint_every=cfg.train.checkpoint_every,
         log_every=cfg.train.log_every, best_metric=cfg.train.best_metric,
         best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
-        max_nonfinite_skips=cfg.train.get("max_nonfinite_skips", 5), config=cfg.to_dict(),
+        max_nonfinite_skips=cfg.train.get("max_nonfinite_skips", 5),
+        strict_resume=cfg.train.get("strict_resume", False), config=cfg.to_dict(),
         shard_batch=run.shard_batch, progress=progress, metrics_fn=metrics_fn)
     trained_steps = loop.current_step(state)
     if run.checkpointer is not None and run.checkpointer.best_step() is not None:
@@ -427,8 +441,8 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
         result["baseline"] = non_transfer_baseline(cfg, run.data)
     _log(format_result(result))
     if workdir and jax.process_index() == 0:
-        with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
-            json.dump(checkpoint_lib.to_jsonable(result), f, indent=1)
+        workdir_lib.write_json(workdir_lib.path(workdir) / "test_metrics.json",
+                               checkpoint_lib.to_jsonable(result))
         if ("image_size" in run.data.options and "confusion_matrix" in test and objective.task_list(cfg) is None
                 and jax.process_count() == 1):
             write_image_figures(run, state, workdir, test)
@@ -440,7 +454,7 @@ def write_image_figures(run: Run, state, workdir: str, test: dict[str, Any], num
     with predicted and true labels) and, when the test images are files, ``test_images.txt``
     and ``test_labels.txt`` (line-aligned: ``jaxfer predict --input test_images.txt``)."""
     names = run.data.label_names or tuple(str(i) for i in range(run.cfg.model.num_classes))
-    plots.confusion_matrix_png(os.path.join(workdir, "confusion_matrix.png"), test["confusion_matrix"], names,
+    _png(workdir, "confusion_matrix.png", plots.confusion_matrix_png, test["confusion_matrix"], names,
                                title=f"test: accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}")
     src = run.data.extra["test_source"]
     pick = np.sort(np.random.default_rng(run.cfg.seed).permutation(len(src))[:num_images])
@@ -453,14 +467,21 @@ def write_image_figures(run: Run, state, workdir: str, test: dict[str, Any], num
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     predicted = probs.argmax(-1)
-    plots.prediction_grid_png(os.path.join(workdir, "test_predictions.png"),
+    _png(workdir, "test_predictions.png", plots.prediction_grid_png,
                               [subset[i]["image"] for i in range(len(subset))], out["label"], predicted, names,
                               probabilities=probs.max(-1), title="test images: predicted / true")
     if hasattr(src, "paths"):
-        with open(os.path.join(workdir, "test_images.txt"), "w") as f:
-            f.writelines(os.path.abspath(p) + "\n" for p in src.paths)
-        with open(os.path.join(workdir, "test_labels.txt"), "w") as f:
-            f.writelines(names[int(y)] + "\n" for y in _labels(src))
+        folder = workdir_lib.path(workdir)
+        workdir_lib.write_text(folder / "test_images.txt", "".join(os.path.abspath(p) + "\n" for p in src.paths))
+        workdir_lib.write_text(folder / "test_labels.txt", "".join(names[int(y)] + "\n" for y in _labels(src)))
+
+
+def _png(workdir: str, name: str, draw, *args, **kwargs) -> None:
+    """``draw(file, *args, **kwargs)`` (a :mod:`jaxfer.plots` figure) into ``workdir/name``
+    through the workdir's path layer."""
+    buffer = io.BytesIO()
+    draw(buffer, *args, **kwargs)
+    workdir_lib.write_bytes(workdir_lib.path(workdir) / name, buffer.getvalue())
 
 
 def evaluate(cfg, workdir: str, split: str = "test") -> dict[str, Any]:

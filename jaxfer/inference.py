@@ -87,19 +87,23 @@ class Spec:
         return cls(pre, tuple(map(str, names)) if names else None, task)
 
     def save(self, directory: str | os.PathLike, tokenizer: Any = None) -> str:
-        """``directory/inference.json`` (+ the tokenizer's files beside it, for text)."""
+        """``directory/inference.json`` (+ the tokenizer's files beside it, for text);
+        ``directory`` may be on any scheme :mod:`jaxfer.workdir` speaks."""
+        from jaxfer import workdir as workdir_lib
+
         directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
+        workdir_lib.makedirs(directory)
         if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        with open(os.path.join(directory, SPEC_FILE), "w") as f:
-            json.dump(self.to_json(), f, indent=1)
+            with workdir_lib.local_copy(directory, upload=True) as local:
+                tokenizer.save_pretrained(local)
+        workdir_lib.write_json(workdir_lib.path(directory) / SPEC_FILE, self.to_json())
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Spec":
-        with open(os.path.join(os.fspath(directory), SPEC_FILE)) as f:
-            return cls.from_json(json.load(f))
+        from jaxfer import workdir as workdir_lib
+
+        return cls.from_json(workdir_lib.read_json(workdir_lib.path(directory) / SPEC_FILE))
 
 
 def _jsonable(x):

@@ -2,8 +2,9 @@
 
 Imported, it offers :func:`make_task`. Run as a script, it trains in a workdir
 and, with ``--kill-at K``, SIGKILLs itself right after the checkpoint of step K
-is on disk; run again without it, the run resumes and saves its final params to
-``workdir/final_params.npz``.
+is on disk (``--signal-at K:TERM`` sends itself SIGTERM there instead, and exits
+as the CLI does: ``128 + signum``); run again without it, the run resumes and
+saves its final params to ``workdir/final_params.npz``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import optax
 from jaxfer import tree
 from jaxfer.data.iterators import EvalBatches, TrainIterator
 from jaxfer.data.sources import from_arrays
+from jaxfer.errors import Preempted
 from jaxfer.train.checkpoint import Checkpointer
 from jaxfer.train.loop import fit
 from jaxfer.train.state import TrainState
@@ -103,16 +105,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--signal-at", default=None, help="STEP:TERM or STEP:INT")
     args = parser.parse_args()
     checkpointer = Checkpointer(args.workdir, keep=2)
+    signal_step, signal_name = (args.signal_at or ":").split(":")
 
     def kill_after_checkpoint(step, state, records):
         if step == args.kill_at:
             checkpointer.wait()  # the step's checkpoint is committed; now die hard
             os.kill(os.getpid(), signal.SIGKILL)
+        if signal_step and step == int(signal_step):
+            os.kill(os.getpid(), getattr(signal, "SIG" + signal_name))
 
-    state, _ = train(args.workdir, args.steps, args.every, hooks=[kill_after_checkpoint],
-                     checkpointer=checkpointer)
+    try:
+        state, _ = train(args.workdir, args.steps, args.every, hooks=[kill_after_checkpoint],
+                         checkpointer=checkpointer)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
     checkpointer.close()
     np.savez(os.path.join(args.workdir, "final_params.npz"),
              **tree.flatten(jax.device_get(state.params)))

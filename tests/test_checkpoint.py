@@ -197,7 +197,7 @@ def _data_files(step_dir):
 
 
 @pytest.mark.parametrize("damage", ["delete_data", "truncate_data", "truncate_meta"])
-def test_corrupt_checkpoint_clear_error_and_nothing_deleted(tmp_path, damage):
+def test_corrupt_checkpoint_strict_refuses_else_falls_back_to_newest_readable(tmp_path, damage, caplog):
     tx = optax.adam(1e-2)
     state = make_state(0, tx)
     ckpt = Checkpointer(tmp_path)
@@ -219,10 +219,34 @@ def test_corrupt_checkpoint_clear_error_and_nothing_deleted(tmp_path, damage):
             with open(victim, "r+b") as f:
                 f.truncate(max(0, os.path.getsize(victim) // 2 - 1))
     before = sorted(os.walk(tmp_path))
-    with pytest.raises(CheckpointError) as err:
-        initial_state(Checkpointer(tmp_path, keep=2), make_state(0, tx))
+    with pytest.raises(CheckpointError) as err:  # train.strict_resume=True: today's refusal
+        initial_state(Checkpointer(tmp_path, keep=2), make_state(0, tx), strict=True)
     msg = str(err.value)
     assert str(step_dir) in msg and "partial or corrupt" in msg and "step=" in msg
     assert sorted(os.walk(tmp_path)) == before  # nothing deleted
     restored, _, _ = Checkpointer(tmp_path, keep=2).restore(make_state(0, tx), step=1)
     assert_states_equal(state, restored)
+    # the default: resume from the newest readable checkpoint, naming both
+    ckpt = Checkpointer(tmp_path, keep=2)
+    with caplog.at_level("WARNING"):
+        restored, _, resumed = initial_state(ckpt, make_state(0, tx))
+    assert resumed and int(restored.step) == int(state.step)
+    assert_states_equal(state, restored)
+    warning = caplog.text
+    assert str(step_dir) in warning and str(tmp_path / "checkpoints" / "1") in warning
+    aside = os.listdir(tmp_path / "checkpoints.unreadable")  # kept for inspection, not deleted
+    assert len(aside) == 1 and aside[0].startswith("2-")
+    assert ckpt.all_steps() == [1]
+    assert ckpt.save(2, advance(state, tx))  # the step is saved again, not skipped
+    ckpt.wait()
+    assert ckpt.all_steps() == [1, 2]
+
+
+def test_no_readable_checkpoint_at_all_is_an_error(tmp_path):
+    state = make_state(0)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state)
+    for victim in _data_files(tmp_path / "checkpoints" / "1"):
+        os.remove(victim)
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        initial_state(Checkpointer(tmp_path), make_state(0))

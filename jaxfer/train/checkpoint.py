@@ -23,7 +23,10 @@ keep "the latest k and the best m" at once): after each save has finished, the
 ``keep`` most recent steps and the ``keep_best`` steps with the best
 ``best_metric`` are kept and the others deleted. Deletion of older steps only
 happens once a newer checkpoint is complete, so a crash mid-save never leaves
-fewer complete checkpoints than asked for. Nothing is ever deleted on restore.
+fewer complete checkpoints than asked for, and a failed save (full or read-only
+disk: one :class:`~jaxfer.errors.WorkdirError` naming the path) deletes
+nothing. Nothing is ever deleted on restore. No checkpoint holding a NaN or an
+inf is written (:class:`~jaxfer.errors.NonFiniteError`).
 
 Trainable-only checkpoints: with ``trainable`` (a bool tree over the params) only
 the trainable params are written (plus the optimizer state, which holds nothing
@@ -33,13 +36,16 @@ which must then be the pretrained state the run started from.
 Restart precedence (:func:`initial_state`): the latest checkpoint in the workdir,
 if there is one, wins over the initial state the caller built (pretrained
 weights or a fresh init). A run is therefore resumed simply by running it again
-with the same workdir; to start over, use a new workdir.
+with the same workdir; to start over, use a new workdir. An unreadable latest
+checkpoint falls back to the newest readable one (unless ``strict``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,9 +55,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxfer import tree
-from jaxfer.errors import CheckpointError, NonFiniteError
+from jaxfer import workdir as workdir_lib
+from jaxfer.errors import CheckpointError, NonFiniteError, UnreadableCheckpointError
 from jaxfer.train.state import TrainState
 
+logger = logging.getLogger(__name__)
 PyTree = Any
 FORMAT_VERSION = 1
 SECTIONS = ("params", "opt_state", "model_state")
@@ -184,13 +192,16 @@ class Checkpointer:
             raise ValueError("keep_best > 0 needs best_metric")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.directory = os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
+        self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+        if workdir_lib.is_local(self.directory):
+            self.directory = os.path.abspath(self.directory)
         self.keep, self.keep_best = int(keep), int(keep_best)
         self.best_metric, self.best_mode = best_metric, best_mode
         self.trainable = trainable
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None, create=True, enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with workdir_lib.disk_errors(self.directory):
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._metrics: dict[int, dict | None] = {}
 
     # -- queries
@@ -266,7 +277,8 @@ class Checkpointer:
                  "meta": ocp.args.JsonSave(meta)}
         if config is not None:
             items["config"] = ocp.args.JsonSave(to_jsonable(config))
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._disk_errors(step):
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._metrics[step] = meta["metrics"]
         return True
 
@@ -282,9 +294,19 @@ class Checkpointer:
                 self._manager.delete(step)
                 self._metrics.pop(step, None)
 
+    def _disk_errors(self, step: int | None = None):
+        """A full or read-only disk while saving: one message; the older checkpoints are intact."""
+        kept = [s for s in self.all_steps() if s != step] if os.path.isdir(self.directory) or \
+            not workdir_lib.is_local(self.directory) else []
+        return workdir_lib.disk_errors(
+            self.step_dir(step) if step is not None else self.directory,
+            f"the checkpoints already there are intact (steps {kept})" if kept else
+            "no earlier checkpoint was there")
+
     def wait(self) -> None:
-        """Block until the pending save is on disk, then apply retention."""
-        self._manager.wait_until_finished()
+        """Block until the pending save is on disk, then apply retention (not after a failed save)."""
+        with self._disk_errors():
+            self._manager.wait_until_finished()
         self._prune()
 
     def close(self) -> None:
@@ -298,14 +320,31 @@ class Checkpointer:
         self.close()
 
     # -- restoring
-    def _corrupt(self, step: int, error: Exception) -> CheckpointError:
+    def _corrupt(self, step: int, error: Exception) -> UnreadableCheckpointError:
         others = [s for s in self.all_steps() if s != step]
         hint = (f"pass step= one of {others} to restore an earlier checkpoint, or delete "
                 f"{self.step_dir(step)} to resume from the one before it" if others else
                 f"delete {self.step_dir(step)} to start from the initial state")
-        return CheckpointError(
+        return UnreadableCheckpointError(
             f"checkpoint {self.step_dir(step)} is partial or corrupt and cannot be read "
-            f"({type(error).__name__}: {str(error).strip()[:500]}). Nothing was deleted; {hint}.")
+            f"({type(error).__name__}: {str(error).strip()[:500]}). Nothing was deleted; {hint}.",
+            step)
+
+    def set_aside(self, step: int) -> str:
+        """Move the checkpoint of ``step`` to ``workdir/checkpoints.unreadable/`` (process 0);
+        returns where it went."""
+        target = os.path.join(f"{self.directory}.unreadable", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            with workdir_lib.disk_errors(target):
+                workdir_lib.makedirs(os.path.dirname(target))
+                workdir_lib.path(self.step_dir(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxfer: unreadable checkpoint set aside")
+        self._manager.reload()
+        self._metrics.pop(step, None)
+        return target
 
     def _read_meta(self, step: int) -> dict:
         try:
@@ -394,16 +433,40 @@ class Checkpointer:
                                 **{name: section(name) for name in SECTIONS})
 
 
-def initial_state(checkpointer: Checkpointer | None, init_state: TrainState
-                  ) -> tuple[TrainState, dict | None, bool]:
+def initial_state(checkpointer: Checkpointer | None, init_state: TrainState, *,
+                  strict: bool = False) -> tuple[TrainState, dict | None, bool]:
     """``(state, data_state, resumed)`` by the fixed restart precedence.
 
     The latest checkpoint of ``checkpointer`` wins; without one (or without a
     checkpointer) the run starts from ``init_state`` (pretrained or scratch,
-    built by the caller, also used as the restore template). A corrupt latest
-    checkpoint raises :class:`CheckpointError` rather than silently restarting.
+    built by the caller, also used as the restore template).
+
+    An unreadable (partial or corrupt) latest checkpoint: with ``strict``,
+    :class:`CheckpointError` naming it (nothing deleted). Otherwise the newest
+    readable checkpoint is resumed, with a warning naming both, and each
+    unreadable newer one is moved to ``workdir/checkpoints.unreadable/<step>``
+    (kept for inspection; out of the way of the step that will be saved again).
+    With no readable checkpoint at all it is an error. A template that does not
+    fit is always an error (no older checkpoint would fit either).
     """
     if checkpointer is None or checkpointer.latest_step() is None:
         return init_state, None, False
-    state, data_state, _ = checkpointer.restore(init_state)
-    return state, data_state, True
+    unreadable: list[UnreadableCheckpointError] = []
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            state, data_state, _ = checkpointer.restore(init_state, step=step)
+        except UnreadableCheckpointError as e:
+            if strict:
+                raise
+            unreadable.append(e)
+            continue
+        if unreadable:
+            moved = [checkpointer.set_aside(e.step) for e in unreadable]
+            logger.warning(
+                "the latest checkpoint %s is unreadable (%s); resumed from the newest readable "
+                "one, %s. Unreadable checkpoints moved to %s (train.strict_resume=True refuses "
+                "instead)", checkpointer.step_dir(unreadable[0].step), unreadable[0],
+                checkpointer.step_dir(step), ", ".join(moved))
+        return state, data_state, True
+    raise CheckpointError(f"no readable checkpoint in {checkpointer.directory}: "
+                          + "; ".join(str(e) for e in unreadable))

@@ -31,7 +31,7 @@ every ``log_every`` steps, so it never blocks the accelerator on every step.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
@@ -44,8 +44,11 @@ import numpy as np
 
 from jaxfer import metrics as metrics_lib
 from jaxfer import tree
-from jaxfer.errors import NonFiniteError
-from jaxfer.train.checkpoint import Checkpointer, initial_state, to_jsonable
+from jaxfer.errors import ConfigError, DataError, NonFiniteError, Preempted, WorkdirError
+from jaxfer.train.checkpoint import Checkpointer, initial_state
+from jaxfer.train.preemption import StopRequests
+from jaxfer.train.runlog import RunLog, scalars
+from jaxfer.workdir import Lock
 
 logger = logging.getLogger(__name__)
 
@@ -141,89 +144,6 @@ def evaluate(state, eval_step: EvalStep, batches: Iterable[Batch], *,
 
 
 # ----------------------------------------------------------------- logging
-def _finite_or_none(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite_or_none(v) for k, v in x.items()}
-    return x
-
-
-def _scalars(record: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-
-
-class _RunLog:
-    """metrics.jsonl, TensorBoard and the history list (files on process 0 only)."""
-
-    def __init__(self, workdir: str | None, resumed_step: int | None, config: Any):
-        self.history: list[dict] = []
-        self.workdir = workdir if workdir and _is_main() else None
-        self._jsonl = self._tb = None
-        if self.workdir is None:
-            return
-        os.makedirs(self.workdir, exist_ok=True)
-        if config is not None:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                json.dump(to_jsonable(config), f, indent=2)
-        path = os.path.join(self.workdir, "metrics.jsonl")
-        if resumed_step is not None and os.path.exists(path):  # drop records after the restore
-            with open(path) as f:
-                old = [json.loads(line) for line in f if line.strip()]
-            self.history = [r for r in old if r.get("step", 0) <= resumed_step]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.history)
-        elif os.path.exists(path):
-            os.remove(path)
-        self._jsonl = open(path, "a")
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(os.path.join(self.workdir, "tb"))
-
-    def write(self, record: dict) -> None:
-        record = _finite_or_none(record)  # strict JSON: a NaN is never logged as a number
-        self.history.append(record)
-        if self._jsonl is None:
-            return
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        for name, value in _scalars(record).items():
-            self._tb.add_scalar(f"{record.get('split', 'train')}/{name}", value, record["step"])
-        self._tb.flush()
-
-    def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._tb.close()
-            plot_curves(self.history, os.path.join(self.workdir, "curves.png"))
-
-
-def plot_curves(history: Sequence[dict], path: str) -> None:
-    """A PNG of train loss and every scalar eval metric against steps (Agg, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    train = [r for r in history if r.get("split") == "train" and "loss" in r]
-    evals = [r for r in history if r.get("split") == "eval"]
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    ax_train, ax_eval = fig.subplots(1, 2)
-    ax_train.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if evals:
-        ax_train.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss")
-    ax_train.set(xlabel="step", title="loss")
-    ax_train.legend()
-    names = [k for k in _scalars(evals[0]) if k not in ("loss", "num_examples")] if evals else []
-    for name in names:
-        ax_eval.plot([r["step"] for r in evals], [r.get(name, math.nan) for r in evals], "o-", label=name)
-    ax_eval.set(xlabel="step", title="eval metrics")
-    if names:
-        ax_eval.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-
-
 # --------------------------------------------------------------------- fit
 def _window_record(step: int, window: list[dict], examples: int, seconds: float) -> dict:
     """Mean of each train metric over the steps since the last log.
@@ -251,7 +171,7 @@ def _window_record(step: int, window: list[dict], examples: int, seconds: float)
 
 def _finite_report(report: dict) -> bool:
     """Every scalar of an eval report is finite (NaN logits can still give a finite accuracy)."""
-    return all(math.isfinite(v) for v in _scalars(report).values())
+    return all(math.isfinite(v) for v in scalars(report).values())
 
 
 class _NonFiniteWatch:
@@ -324,7 +244,7 @@ class _EarlyStopping:
             if not self.patience:  # only tracked for early stopping; nothing to stop
                 return False
             raise KeyError(f"best_metric {self.metric!r} is not among the eval metrics "
-                           f"{sorted(_scalars(report))}")
+                           f"{sorted(scalars(report))}")
         value = float(report[self.metric])
         better = _finite_report(report) and (  # a non-finite evaluation is never the best
             self.best is None or (value > self.best if self.mode == "max" else value < self.best))
@@ -336,6 +256,24 @@ class _EarlyStopping:
 
     def state(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "evals_without_improvement": self.bad}
+
+
+def hold_lock(workdir: str) -> Lock | None:
+    """Take ``workdir``'s lock on process 0; every process fails if that does."""
+    lock, error = Lock(workdir), None
+    if _is_main():
+        try:
+            lock.acquire()
+        except WorkdirError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))) and error is None:
+            error = WorkdirError(f"workdir {workdir} is in use by another run (process 0 says why)")
+    if error is not None:
+        raise error
+    return lock if _is_main() else None
 
 
 def fit(
@@ -357,6 +295,7 @@ def fit(
     best_mode: str = "max",
     patience: int = 0,
     max_nonfinite_skips: int = 5,
+    strict_resume: bool = False,
     config: Any = None,
     shard_batch: Callable[[Batch], Batch] | None = None,
     progress: bool = True,
@@ -394,6 +333,9 @@ def fit(
         the steps (0: stop at the first). Checked when metrics are fetched (every
         ``log_every`` steps, before evaluations and checkpoints), so the loop
         never waits on every step; skipped steps leave the state finite.
+      strict_resume: refuse to start when the latest checkpoint is unreadable
+        (default: resume from the newest readable one, with a warning naming
+        both; see :func:`jaxfer.train.checkpoint.initial_state`).
       config: saved as ``workdir/config.json`` and with each checkpoint.
       shard_batch: host batch -> device batch (e.g. ``jaxfer.train.parallel.shard_batch``).
       progress: a tqdm bar on process 0.
@@ -403,50 +345,79 @@ def fit(
     Returns:
       ``(state, history)``: the final state and the list of log records.
 
+    The workdir is locked for the run (:class:`jaxfer.workdir.Lock`: a second
+    run on it is an error naming the first). SIGTERM or SIGINT (on several
+    hosts: JAX's preemption sync point) finish the current step, save a
+    checkpoint and raise :class:`~jaxfer.errors.Preempted`.
+
     Raises:
       NonFiniteError: too many non-finite steps in a row (nothing non-finite
         is ever saved).
+      Preempted: stopped by a signal or preemption notice, after saving.
+      DataError: the training iterator yields no batch at all.
+      WorkdirError: the workdir is in use, read-only or full.
     """
     shard_batch = shard_batch or _identity
     workdir = os.fspath(workdir) if workdir is not None else None
     can_eval = eval_step is not None and eval_batches is not None
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ConfigError(f"steps must be a positive number of optimizer steps, got {steps!r}")
+    if log_every < 1:
+        raise ConfigError(f"log_every must be >= 1, got {log_every}")
     if (eval_every or patience) and not can_eval:
         raise ValueError("eval_every and patience need eval_step and eval_batches")
     if not hasattr(train_iter, "__next__"):
         train_iter = iter(train_iter)
     own_checkpointer = checkpointer is None and workdir is not None and checkpoint_every > 0
-    if own_checkpointer:
-        checkpointer = Checkpointer(workdir, keep=1, keep_best=1 if can_eval else 0,
-                                    best_metric=best_metric, best_mode=best_mode)
-    state, saved, resumed = initial_state(checkpointer, state)
-    saved = saved or {}
-    iterator_state = saved["iterator"] if "iterator" in saved else (saved or None)
-    if iterator_state is not None and hasattr(train_iter, "set_state"):
-        train_iter.set_state(iterator_state)
-    start = current_step(state)
-    if resumed:
-        logger.info("resumed from %s at step %d", checkpointer.directory, start)
-    log = _RunLog(workdir, start if resumed else None, config)
-    stopper = _EarlyStopping(best_metric, best_mode, patience, saved.get("early_stopping"))
-    watch = _NonFiniteWatch(max_nonfinite_skips)
+    with contextlib.ExitStack() as cleanup:  # undone in reverse: the lock is released last
+        lock = hold_lock(workdir) if workdir is not None else None
+        if lock is not None:
+            cleanup.callback(lock.release)
+        if own_checkpointer:
+            checkpointer = Checkpointer(workdir, keep=2, keep_best=1 if can_eval else 0,
+                                        best_metric=best_metric, best_mode=best_mode)
+            cleanup.callback(checkpointer.close)
+        state, saved, resumed = initial_state(checkpointer, state, strict=strict_resume)
+        saved = saved or {}
+        iterator_state = saved["iterator"] if "iterator" in saved else (saved or None)
+        if iterator_state is not None and hasattr(train_iter, "set_state"):
+            train_iter.set_state(iterator_state)
+        start = current_step(state)
+        if resumed:
+            logger.info("resumed from %s at step %d", checkpointer.directory, start)
+        log = RunLog(workdir, start if resumed else None, config)
+        cleanup.callback(log.close)
+        if checkpointer is not None and not own_checkpointer:
+            cleanup.callback(checkpointer.wait)
+        stopper = _EarlyStopping(best_metric, best_mode, patience, saved.get("early_stopping"))
+        watch = _NonFiniteWatch(max_nonfinite_skips)
 
-    def stop_if_nonfinite(step: int) -> None:
-        why = watch.check()
-        if why is not None:
-            log.write({"step": step, "split": "stop", "reason": "nonfinite", "message": why})
-            raise NonFiniteError(f"training stopped at step {step}: {why}")
+        def stop_if_nonfinite(step: int) -> None:
+            why = watch.check()
+            if why is not None:
+                log.write({"step": step, "split": "stop", "reason": "nonfinite", "message": why})
+                raise NonFiniteError(f"training stopped at step {step}: {why}")
 
-    from tqdm.auto import tqdm
+        def save(step: int, data_state, eval_report=None) -> None:
+            stop_if_nonfinite(step)
+            checkpointer.save(step, state, config=config, metrics=eval_report, data_state={
+                "iterator": data_state, "early_stopping": stopper.state()})
 
-    bar = tqdm(total=steps, initial=min(start, steps), unit="step", dynamic_ncols=True,
-               disable=not (progress and _is_main()))
-    window, window_examples, window_start = [], 0, time.perf_counter()
-    step, last_eval, stop = start, None, False
-    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=min(start, steps), unit="step", dynamic_ncols=True,
+                   disable=not (progress and _is_main()))
+        cleanup.callback(bar.close)
+        stop_requests = cleanup.enter_context(StopRequests())
+        window, window_examples, window_start = [], 0, time.perf_counter()
+        step, last_eval, last_save, stop = start, None, None, False
         while step < steps and not stop:
             try:
                 batch = next(train_iter)
             except StopIteration:
+                if step == start:
+                    raise DataError(f"the training data yielded no batch (step {step} of {steps}): "
+                                    "an empty source, or fewer examples than one batch") from None
                 logger.warning("training data ran out at step %d of %d", step, steps)
                 break
             data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
@@ -479,13 +450,12 @@ def fit(
                 records.append(record)
                 stop = stopper.update(step, eval_report)
                 logger.info("step %d: eval %s", step, "  ".join(
-                    f"{k} {v:.4g}" for k, v in _scalars(eval_report).items() if k != "num_examples"))
+                    f"{k} {v:.4g}" for k, v in scalars(eval_report).items() if k != "num_examples"))
                 window_start = time.perf_counter()  # keep eval time out of examples/s
             if checkpointer is not None and (
                     (checkpoint_every and step % checkpoint_every == 0) or step == steps or stop):
-                stop_if_nonfinite(step)
-                checkpointer.save(step, state, config=config, metrics=eval_report, data_state={
-                    "iterator": data_state, "early_stopping": stopper.state()})
+                save(step, data_state, eval_report)
+                last_save = step
             if stop:
                 record = {"step": step, "split": "stop", "reason": "early_stopping",
                           "best_step": stopper.best_step, best_metric: stopper.best}
@@ -493,6 +463,18 @@ def fit(
                 records.append(record)
             for hook in hooks:
                 hook(step, state, records)
+            if lock is not None:
+                lock.refresh()
+            if stop_requests.requested(step):  # SIGTERM/SIGINT, or the hosts' preemption sync point
+                if checkpointer is not None and last_save != step:
+                    save(step, data_state)
+                if checkpointer is not None:
+                    checkpointer.wait()
+                error = Preempted(step, checkpointer.directory if checkpointer else None,
+                                  stop_requests.signum)
+                log.write({"step": step, "split": "stop", "reason": "preempted", "message": str(error)})
+                logger.warning("%s", error)
+                raise error
         if step > start and step < steps and not stop:  # data ran out: finish cleanly
             stop_if_nonfinite(step)
             if can_eval and last_eval != step:
@@ -500,15 +482,5 @@ def fit(
                     state, eval_step, eval_batches, task=task, label_names=label_names,
                     shard_batch=shard_batch, metrics_fn=metrics_fn)})
             if checkpointer is not None:
-                checkpointer.save(step, state, config=config, data_state={
-                    "iterator": train_iter.get_state() if hasattr(train_iter, "get_state") else None,
-                    "early_stopping": stopper.state()})
-    finally:
-        bar.close()
-        if checkpointer is not None:
-            if own_checkpointer:
-                checkpointer.close()
-            else:
-                checkpointer.wait()
-        log.close()
+                save(step, train_iter.get_state() if hasattr(train_iter, "get_state") else None)
     return state, log.history
