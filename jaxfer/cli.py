@@ -17,8 +17,10 @@ import signal
 import sys
 
 from jaxfer import config as config_lib
+from jaxfer.errors import ConfigError
 
 COMMANDS = ("train", "eval", "predict", "inspect", "export", "serve", "rank")
+RUN_COMMANDS = ("eval", "predict", "export", "serve")  # read a trained run: its saved config wins
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="jaxfer", description="Fine-tune pretrained models in JAX from a recipe file.",
         epilog="Any recipe value can be overridden: --config.optim.lr=3e-5")
     p.add_argument("command", choices=COMMANDS)
-    p.add_argument("--config", default=None, help="recipe file, optionally with ':arg' (required "
-                   "except for `serve --export`)")
+    p.add_argument("--config", default=None, help="recipe file, optionally with ':arg' (eval, "
+                   "predict, export and serve use the config saved in --workdir when there is one)")
     p.add_argument("--workdir", default=None,
                    help="checkpoints, metrics and plots go here; a workdir with a checkpoint is resumed")
     p.add_argument("--text", action="append", default=[], help="(predict) a text to classify; repeatable")
@@ -52,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="(rank) training examples the features are computed on (a seeded subset)")
     p.add_argument("--split", default="test", choices=("test", "validation"), help="(eval) which split")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
-    p.add_argument("--debug", action="store_true", help="full tracebacks for configuration errors")
+    p.add_argument("--debug", action="store_true", help="full tracebacks for user errors (bad "
+                   "config, data, paths, disks), which otherwise end in one message and exit 1")
     g = p.add_argument_group("multi-host (jax.distributed)")
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with the cluster's auto-detected settings")
@@ -115,40 +118,64 @@ def _show_progress_logs() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = config_lib.split_overrides(argv)
-    args = _parser().parse_args(rest)
-    if args.command == "serve" and args.export:
-        return _serve_export(args)
-    if not args.config:
-        raise SystemExit(f"jaxfer {args.command}: --config is required")
-    try:
-        cfg = config_lib.load_with_overrides(args.config, overrides)
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"jaxfer: {e.args[0] if e.args else e}") from None
-    init_distributed(args)
-    _show_progress_logs()
-
     from jaxfer.errors import Preempted
 
+    debug = "--debug" in argv
     try:
+        rest, overrides = config_lib.split_overrides(argv)
+        args = _parser().parse_args(rest)
+        if args.command == "serve" and args.export:
+            return _serve_export(args)
+        cfg = _config(args, overrides)
+        init_distributed(args)
+        _show_progress_logs()
         return _run(args, cfg)
     except Preempted as e:  # saved; the scheduler restarts the same command to resume
-        print(f"jaxfer {args.command}: {e}", file=sys.stderr, flush=True)
+        print(f"jaxfer: {e}", file=sys.stderr, flush=True)
         return 128 + (e.signum or signal.SIGTERM)
-    except _user_errors() as e:  # a bad rule, checkpoint or path: the message says it all
-        if args.debug:
+    except _user_errors() as e:  # bad input, paths, disks: the message says it all
+        if debug:
             raise
-        raise SystemExit(f"jaxfer {args.command}: {type(e).__name__}: {e}") from None
+        from jaxfer.errors import JaxferError
+
+        command = next((f"jaxfer {a}" for a in argv if a in COMMANDS), "jaxfer")
+        hint = "" if isinstance(e, (JaxferError, OSError)) else " (--debug shows the traceback)"
+        raise SystemExit(f"{command}: {type(e).__name__}: {_message(e)}{hint}") from None
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def _config(args, overrides):
+    """The recipe; for a trained run (eval, predict, export, serve) the config it trained
+    with, saved in the workdir, so overrides given at training are not lost."""
+    saved = None
+    if args.command in RUN_COMMANDS and args.workdir:
+        saved = config_lib.load_saved(args.workdir)
+    if saved is not None:
+        if args.config:
+            differ = config_lib.differences(saved, config_lib.load_with_overrides(args.config, overrides))
+            if differ:
+                print(f"jaxfer {args.command}: using the config the run trained with "
+                      f"({config_lib.saved_path(args.workdir)}); it differs from --config in "
+                      f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}", file=sys.stderr)
+        return config_lib.load_with_overrides(saved, overrides)
+    if not args.config:
+        hint = f" (or a --workdir holding {config_lib.SAVED})" if args.command in RUN_COMMANDS else ""
+        raise ConfigError(f"--config is required{hint}")
+    return config_lib.load_with_overrides(args.config, overrides)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from jaxfer import masks, tree
+    """Everything the user can fix: our error types (bad config, data, weights, rules,
+    checkpoints, workdirs), the operating system's (missing files, permissions, disks),
+    and the ValueError/KeyError that library functions raise on values from a recipe."""
     from jaxfer.errors import JaxferError
-    from jaxfer.weights import CheckpointError as WeightsError, LoadError
-    from jaxfer.weights.save import SaveError
 
-    return (tree.NoMatchError, masks.ShadowedRuleError, masks.UnmatchedPathError, LoadError,
-            WeightsError, JaxferError, FileNotFoundError, SaveError)
+    return (JaxferError, OSError, ValueError, KeyError)
 
 
 def _run(args, cfg) -> int:
@@ -172,7 +199,9 @@ def _run(args, cfg) -> int:
         path = predict_files.predict_files(predictor, args.input, args.output, progress=not args.no_progress)
         print(f"wrote {path}")
     elif args.command == "predict":
-        if cfg.data.kind not in ("csv", "jsonl"):
+        from jaxfer import data
+
+        if data.source_kind(cfg.data.kind).modality != "text":
             raise SystemExit(f"jaxfer predict classifies --text for text recipes; this recipe reads "
                              f"{cfg.data.kind!r} data: give --input (images) and --output")
         if not args.text:

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, plots, tasks
+from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, plots, tasks, validate
 from jaxfer import workdir as workdir_lib
 from jaxfer import data as data_lib
 from jaxfer.models import heads
@@ -35,6 +35,7 @@ from jaxfer.weights.load import Model, init_model, load as load_weights
 # ------------------------------------------------------------------- model
 def head_for(cfg):
     """The recipe's head: one task, several (``multitask``), or adapting (``adapt``)."""
+    validate.head(cfg.task, cfg.model.num_classes)
     return objective.head(cfg)
 
 
@@ -84,23 +85,15 @@ class Data:
 
 def dedupe_by(source, column: str):
     """Keep the first example of each distinct ``column`` value (retweets repeat)."""
+    if not len(source):
+        return source
     _, first = np.unique(source.columns[column].astype(str), return_index=True)
     return source.select(np.sort(first))
 
 
 def _sources(cfg):
+    """``(train, validation, test)`` through the data sources registry (``data.kind``)."""
     d = cfg.data
-    if d.kind in ("csv", "jsonl"):
-        read = data_lib.read_csv if d.kind == "csv" else data_lib.read_jsonl
-        if not d.path or not os.path.exists(d.path):
-            raise FileNotFoundError(f"data.path {d.path!r} does not exist (data.kind={d.kind!r})")
-        task = "regression" if cfg.task == "regression" else "classification"
-        src = read(d.path, text=d.text, label=d.label, task=task,
-                   label_names=tuple(d.label_names) if d.get("label_names") else None)
-        src = objective.with_task_columns(cfg, src, read)
-        if d.get("dedupe"):
-            src = dedupe_by(src, d.text)
-        return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
     if d.kind == "audio":  # WAV paths + transcripts (ctc) or class names (classification)
         ctc = cfg.task == "ctc"
         path = d.path
@@ -117,19 +110,20 @@ def _sources(cfg):
             src = data_lib.transcribe(src, objective.vocab(cfg), d.get("max_label_length") or None)
         splits = data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
         return tuple(s.to_arrays() for s in splits) if d.get("in_memory", True) else splits
-    if d.kind == "image_folder":
-        src = data_lib.read_image_folder(d.path)
-        return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
     if d.kind == "elpv":
         src = data_lib.read_elpv(d.get("path") or None, threshold=d.get("threshold", 0.5),
                                  cell_type=d.get("cell_type") or None)
         return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
-    if d.kind == "tfds":
-        # each process reads only its own even_splits part of each split
-        return tuple(data_lib.TfdsSource(d.name, split, data_dir=d.get("data_dir") or None,
-                                             download=d.get("download", True))
-                     for split in d.splits)
-    raise ValueError(f"unknown data.kind {d.kind!r}; choose csv, jsonl, image_folder, elpv, audio or tfds")
+    task = "regression" if cfg.task == "regression" else "classification"
+    kind = data_lib.source_kind(d.kind)
+    if kind.splits == "names":  # one source per split name (tfds)
+        return data_lib.source_from_config(d, task=task, seed=cfg.seed)
+    src = data_lib.read_source(d, task=task)
+    if kind.modality == "text":
+        src = objective.with_task_columns(cfg, src, kind.make)
+    if d.get("dedupe") and hasattr(src, "columns"):  # before splitting: no duplicate across splits
+        src = dedupe_by(src, d.text)
+    return data_lib.split_source(src, tuple(d.splits), seed=cfg.seed)
 
 
 def _labels(source) -> np.ndarray | None:
@@ -143,11 +137,12 @@ def _preprocessing(cfg, model: Model, cache_dir: str | None = None) -> dict[str,
     common: dict[str, Any] = {"seed": cfg.seed}
     if tasks.is_sequence(cfg.task) and d.get("target"):
         pass  # tokenised by _text_to_text
-    elif d.kind in ("csv", "jsonl"):  # (a causal LM without targets models the text itself)
+    elif data_lib.source_kind(d.kind).modality == "text":  # (a causal LM without targets models the text)
         buckets = d.get("length_buckets", "auto")
         common.update(tokenizer=tokenizer_for(cfg, model), max_length=d.max_length, text=d.text,
                       cache_dir=cache_dir,
-                      length_buckets=tuple(buckets) if isinstance(buckets, (tuple, list)) else buckets)
+                      length_buckets=tuple(buckets) if isinstance(buckets, (tuple, list)) else buckets,
+                      **model.text_limits())
     elif d.kind == "audio":
         pass  # read, resampled and padded by the source
     else:  # the model's own preprocessing (checkpoint or family), refined by the recipe
@@ -158,13 +153,20 @@ def _preprocessing(cfg, model: Model, cache_dir: str | None = None) -> dict[str,
 
 
 def build_data(cfg, model: Model, *, cache_dir: str | None = None) -> Data:
-    """Sources, splits and pipelines of ``cfg.data``; tokens cached in ``cache_dir`` when given."""
+    """Sources split, checked against the head (label names, class ids: scanned once),
+    the model's vocabulary and position table (text), then batched; tokens cached in
+    ``cache_dir`` when given."""
     d = cfg.data
+    kind = data_lib.source_kind(d.kind)
     train_src, val_src, test_src = _sources(cfg)
     sizes = {"train": getattr(train_src, "total", len(train_src)),
              "validation": getattr(val_src, "total", len(val_src)),
              "test": getattr(test_src, "total", len(test_src))}
-    if d.get("max_eval_examples") and d.kind != "tfds" and len(val_src) > d.max_eval_examples:
+    validate.sizes(sizes, d.batch_size)
+    names = getattr(train_src, "label_names", None) or (tuple(d.label_names) if d.get("label_names") else None)
+    validate.labels({"train": _labels(train_src), "validation": _labels(val_src),
+                     "test": _labels(test_src)}, names, cfg.model.num_classes, cfg.task)
+    if d.get("max_eval_examples") and kind.splits == "fractions" and len(val_src) > d.max_eval_examples:
         # a seeded random subset: files are often sorted by class or source
         keep = np.random.default_rng(cfg.seed).permutation(len(val_src))[: d.max_eval_examples]
         val_src = val_src.select(np.sort(keep))
@@ -195,13 +197,19 @@ def _text_to_text(cfg, model: Model, splits):
     names = tuple(d.get("label_names") or ()) or getattr(splits[0], "label_names", None)
     if d.target == "label_words" and not names:
         raise ValueError("data.target='label_words' needs data.label_names")
+    limits = model.text_limits()
+    positions = limits.get("max_positions")
+    if positions is not None and cfg.task == "causal_lm":  # input and target share the positions
+        positions -= d.target_length
+    max_length = data_lib.fit_max_length(d.max_length, positions)
     out = []
     for src in splits:
         targets = ([names[i] for i in src.columns["label"]] if d.target == "label_words"
                    else [str(t) for t in src.columns[d.target]])
         out.append(data_lib.tokenize_text_to_text(
-            src, tok, targets, layout=cfg.task, eos_id=eos, max_length=d.max_length,
+            src, tok, targets, layout=cfg.task, eos_id=eos, max_length=max_length,
             target_length=d.target_length, text=d.text, prompt=d.get("prompt") or ""))
+        data_lib.check_token_ids(out[-1].columns["input_ids"], limits.get("vocab_size"), f"text column {d.text!r}")
     class_targets = None
     if d.target == "label_words":
         class_targets = tuple(tuple(tok(n, add_special_tokens=False)["input_ids"][: d.target_length - 1])
@@ -236,6 +244,12 @@ def with_target(cfg, model: Model, data: Data) -> Data:
                                sizes=sizes, extra=extra)
 
 
+def token_cache(workdir: str | None) -> str | None:
+    """``workdir/cache``, where the tokens of a text run are kept (a local workdir only: on
+    a bucket every run tokenises again rather than write outside the path layer)."""
+    return os.path.join(workdir, "cache") if workdir and workdir_lib.is_local(workdir) else None
+
+
 # ---------------------------------------------------------------- training
 def trainable_mask(cfg, params) -> Any:
     return masks.trainable_mask(params, _rules(cfg))
@@ -263,7 +277,9 @@ def build_optimizer(cfg, model: Model, regularizer=None):
 
 def explain(cfg, model: Model | None = None, depth: int | None = None) -> param_table.Table:
     """The table ``jaxfer inspect`` prints: what trains, at which lr, and why."""
-    model = model if model is not None else build_model(cfg)
+    if model is None:
+        validate.config(cfg)
+        model = build_model(cfg)
     params = build_peft(cfg, model).params
     decay = cfg.optim.get("layer_decay") or None
     return param_table.explain(params, _rules(cfg),
@@ -305,6 +321,7 @@ def _dtype(name: str | None):
 
 def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     compilation_cache(cfg.train.get("compilation_cache"))
+    validate.config(cfg)  # every bad value named at once, before anything loads
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     parallel.check_batch_size(cfg.data.batch_size, mesh)
     parallel.check_batch_size(cfg.data.eval_batch_size, mesh)
@@ -315,8 +332,7 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     peft = build_peft(cfg, model)  # bad transfer.* rules fail here, before data loads
     trainable = trainable_mask(cfg, peft.params)  # bad rules fail here, before data loads
     tx, schedule = build_optimizer(cfg, model, peft.regularizer)
-    data = build_data(cfg, model, cache_dir=os.path.join(workdir, "cache") if workdir else None) \
-        if with_data else None
+    data = build_data(cfg, model, cache_dir=token_cache(workdir)) if with_data else None
     params = peft.params
     if cfg.train.get("frozen_dtype"):  # frozen leaves pass through the step: store them smaller
         params = cast_frozen(params, trainable, _dtype(cfg.train.frozen_dtype))
@@ -375,8 +391,8 @@ def restore_trained(cfg, workdir: str, *, with_data: bool = True) -> Run:
     run = setup(cfg, None, with_data=with_data)
     ckpt = checkpointer(cfg, workdir, run.trainable, run.strategy)
     if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir!r}: train first "
-                                f"(jaxfer train --config ... --workdir {workdir})")
+        raise checkpoint_lib.CheckpointError(f"no checkpoint in {workdir!r}: train first "
+                                             f"(jaxfer train --config ... --workdir {workdir})")
     state, _, _ = ckpt.restore(run.state, best=ckpt.best_step() is not None)
     return dataclasses.replace(run, state=state, checkpointer=ckpt)
 
@@ -392,6 +408,7 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
     The workdir is locked from the start (a second run on it fails at once)
     until ``test_metrics.json`` is written.
     """
+    validate.config(cfg)  # before the workdir is created
     lock = loop.hold_lock(workdir) if workdir else None
     try:
         return _train(cfg, workdir, progress)
@@ -515,13 +532,15 @@ def predict_texts(cfg, workdir: str | None, texts: Sequence[str]) -> list[dict[s
         run = restore_trained(cfg, workdir, with_data=False)
         model, params = run.model, run.peft.inference_params(run.state.params)
     else:
+        validate.config(cfg)
         model = build_model(cfg)
         params = model.params
     if jax.process_count() == 1:
         params = jax.device_get(params)
     if tasks.is_sequence(cfg.task):
         return generate_texts(cfg, model, params, texts)
-    batch = data_lib.tokenize_texts(list(texts), model.tokenizer(), cfg.data.max_length)
+    max_length = data_lib.fit_max_length(cfg.data.max_length, model.text_limits().get("max_positions"))
+    batch = data_lib.tokenize_texts(list(texts), model.tokenizer(), max_length)
     logits = np.asarray(model.apply(params, **batch)["logits"])
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from jaxfer import tree
+from jaxfer.errors import JaxferError
 
 PyTree = Any
 MaskLike = Any  # Mask | str | re.Pattern | Sequence[str]
@@ -421,11 +422,11 @@ class Rule(NamedTuple):
     text: str  # how the rule is named in errors and in explain's "decided by"
 
 
-class ShadowedRuleError(ValueError):
+class ShadowedRuleError(JaxferError, ValueError):
     """A rule matches paths, but earlier rules decide every one of them."""
 
 
-class UnmatchedPathError(ValueError):
+class UnmatchedPathError(JaxferError, ValueError):
     """Some leaves are matched by no rule."""
 
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from jaxfer import generation
 from jaxfer import tasks as tasks_lib
 from jaxfer.models import heads
@@ -180,7 +182,9 @@ def metrics_fn(cfg, *, model=None, data=None):
 def with_task_columns(cfg, source, read):
     """A text source with one column per task, read from the same file by ``read``
     (``jaxfer.data.read_csv``/``read_jsonl``): class names -> ids (the task's
-    ``label_names``, else their sorted set), numbers -> float32 (empty -> NaN)."""
+    ``label_names``, else their sorted set), numbers -> float32. Rows are matched
+    by ``id`` (the row number); a row the task's read skips (an empty cell: no
+    label for that task) holds ``-100`` (classification) or NaN."""
     task_rows = task_list(cfg)
     if task_rows is None:
         return source
@@ -189,5 +193,16 @@ def with_task_columns(cfg, source, read):
         if t.kind == "multi_label":
             raise ValueError(f"task {t.name!r}: multi_label columns cannot be read from {d.kind} files")
         part = read(d.path, text=d.text, label=t.name, task=t.kind, label_names=t.label_names)
-        columns[t.name] = part.columns["label"]
+        columns[t.name] = _by_id(part, source.columns["id"], t.kind)
     return source.with_columns(**columns)
+
+
+def _by_id(part, ids: np.ndarray, kind: str) -> np.ndarray:
+    """``part``'s labels at the rows ``ids`` (``part.columns["id"]`` ascending), missing ones
+    ``-100`` (class ids) or NaN."""
+    labels, have = part.columns["label"], part.columns["id"]
+    out = np.full(len(ids), losses.IGNORE_INDEX if kind == "classification" else np.nan, labels.dtype)
+    pos = np.minimum(np.searchsorted(have, ids), max(len(have) - 1, 0))
+    found = (have[pos] == ids) if len(have) else np.zeros(len(ids), bool)
+    out[found] = labels[pos[found]]
+    return out

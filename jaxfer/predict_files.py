@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxfer.data.sources import IMAGE_EXTENSIONS, read_csv, read_jsonl
+from jaxfer.data.sources import IMAGE_EXTENSIONS
+from jaxfer.data.tables import read_csv, read_jsonl
 from jaxfer.inference import Predictor
 
 TEXT_FILES = (".csv", ".jsonl")

@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxfer.errors import JaxferError
+
 PyTree = Any
 Pattern = str | re.Pattern
 SEP = "/"
@@ -150,7 +152,7 @@ def nearest_paths(pattern: Pattern, candidates: Iterable[str], n: int = 5) -> li
     return close
 
 
-class NoMatchError(ValueError):
+class NoMatchError(JaxferError, ValueError):
     """A path pattern matched no parameter: never a silent no-op."""
 
     def __init__(self, pattern: Pattern, candidates: Iterable[str], what: str = "pattern"):

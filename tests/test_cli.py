@@ -49,3 +49,76 @@ def test_huge_learning_rate_stops_naming_the_step_and_saves_nothing_nonfinite(st
     for line in open(run / "metrics.jsonl"):
         json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))
     assert not (run / "test_metrics.json").exists()
+
+
+def test_bad_values_are_all_named_before_the_workdir_is_created(stand_in, tmp_path):
+    run = tmp_path / "run"
+    msg = exit_message(["train", *args_for(stand_in, run), "--config.train.steps=-5",
+                        "--config.data.eval_batch_size=0", "--config.optim.accumulate=3",
+                        "--config.model.num_classes=1"])
+    for expected in ("ConfigError", "train.steps must be > 0, got -5", "data.eval_batch_size must be > 0",
+                     "data.batch_size=8 is not a multiple of optim.accumulate=3",
+                     "model.num_classes must be an integer >= 2"):
+        assert expected in msg
+    assert not run.exists()
+
+
+def test_inspect_refuses_a_head_without_classes(stand_in, tmp_path):
+    msg = exit_message(["inspect", *args_for(stand_in, tmp_path / "run"), "--config.model.num_classes=0"])
+    assert "model.num_classes must be an integer >= 2" in msg
+
+
+def test_data_label_names_that_do_not_fit_the_head_stop_before_training(stand_in, tmp_path):
+    run = tmp_path / "run"
+    msg = exit_message(["train", *args_for(stand_in, run), "--config.data.label_names=()",
+                        "--config.model.num_classes=4"])
+    assert "DataError: the data has 3 classes ['negative', 'neutral', 'positive'] but " \
+           "model.num_classes=4" in msg
+    assert not (run / "checkpoints").exists() or not os.listdir(run / "checkpoints")
+
+
+@pytest.mark.parametrize("problem", ["model_type", "data_path", "label_column", "data_kind"])
+def test_user_errors_end_in_one_message_and_debug_keeps_the_traceback(stand_in, tmp_path, problem):
+    from jaxfer.errors import JaxferError
+
+    bert, csv = stand_in
+    args = args_for(stand_in, tmp_path / "run")
+    if problem == "model_type":
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "config.json").write_text(json.dumps({"model_type": "gpt9"}))
+        args.append(f"--config.model.source={other}")
+        expected = "no jaxfer model family for model_type 'gpt9'"
+    elif problem == "data_path":
+        args.append(f"--config.data.path={tmp_path / 'nothere.csv'}")
+        expected = "nothere.csv' does not exist"
+    elif problem == "label_column":
+        args.append("--config.data.label=mood")
+        expected = "tweets.csv: no column(s) ['mood']; the columns are ['sentiment', 'confidence', 'text']"
+    else:
+        args.append("--config.data.kind=parquet")
+        expected = "unknown data.kind 'parquet'"
+    msg = exit_message(["train", *args, *SHORT])
+    assert msg.startswith("jaxfer train: ") and expected in msg and "\n" not in msg
+    with pytest.raises(JaxferError, match=expected.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        cli.main(["train", *args, *SHORT, "--debug"])
+
+
+def test_eval_and_predict_rebuild_the_run_from_the_config_it_trained_with(stand_in, tmp_path, capsys):
+    run = tmp_path / "run"
+    trained_with = ["--config.optim.name=sgd", "--config.optim.weight_decay=0.0",
+                    "--config.data.max_length=128"]  # longer than the 64 positions: truncated
+    assert cli.main(["train", *args_for(stand_in, run), *SHORT, "--config.train.steps=2",
+                     *trained_with]) == 0
+    result = json.load(open(run / "test_metrics.json"))
+    assert math.isfinite(result["test"]["loss"])
+    capsys.readouterr()
+    assert cli.main(["eval", *args_for(stand_in, run)]) == 0  # the recipe says adamw
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["accuracy"] == pytest.approx(result["test"]["accuracy"])
+    assert "using the config the run trained with" in captured.err
+    assert "data.max_length" in captured.err and "optim.name" in captured.err
+    assert cli.main(["predict", "--workdir", str(run), "--text", "I love this"]) == 0  # no --config
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert all(math.isfinite(p) for p in row["probs"].values())

@@ -2,6 +2,7 @@ import ml_collections
 import pytest
 
 from jaxfer import config as jconfig
+from jaxfer.errors import ConfigError
 
 RECIPE = '''
 import ml_collections
@@ -37,14 +38,14 @@ def test_recipe_argument(recipe):
 
 
 def test_unknown_key_names_the_key(recipe):
-    with pytest.raises(KeyError, match=r"optim\.lrr.*optim\.lr"):
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*optim\.lr"):
         jconfig.load_with_overrides(recipe, [("optim.lrr", "1")])
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(ConfigError, match="nope"):
         jconfig.load_with_overrides(recipe, [("nope.x", "1")])
 
 
 def test_bad_value_names_the_key(recipe):
-    with pytest.raises(ValueError, match="train.steps"):
+    with pytest.raises(ConfigError, match="train.steps"):
         jconfig.load_with_overrides(recipe, [("train.steps", "many")])
 
 
@@ -53,7 +54,10 @@ def test_missing_file_and_function(tmp_path):
         jconfig.load(str(tmp_path / "nothere.py"))
     bad = tmp_path / "bad.py"
     bad.write_text("x = 1\n")
-    with pytest.raises(AttributeError, match="get_config"):
+    with pytest.raises(ConfigError, match="get_config"):
+        jconfig.load(str(bad))
+    bad.write_text("def get_config(:\n")
+    with pytest.raises(ConfigError, match="does not run: SyntaxError"):
         jconfig.load(str(bad))
 
 

@@ -207,5 +207,5 @@ def test_make_source_by_kind(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
     src = data.make_source("jsonl", path=tmp_path / "d.jsonl")
     assert src.label_names == ("x", "y") and len(src) == 2
-    with pytest.raises(ValueError, match="unknown source kind"):
+    with pytest.raises(ValueError, match="unknown data.kind"):
         data.make_source("parquet", path="x")

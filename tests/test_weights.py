@@ -155,7 +155,7 @@ def test_corrupt_safetensors_names_the_file(tmp_path, base_dir):
     shutil.copy(base_dir / "config.json", tmp_path / "config.json")
     data = (base_dir / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(jw.CheckpointError, match="model.safetensors.*corrupt or truncated"):
+    with pytest.raises(jw.WeightsError, match="model.safetensors.*corrupt or truncated"):
         jw.load(tmp_path)
 
 

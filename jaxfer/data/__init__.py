@@ -13,12 +13,14 @@ from jaxfer.data.image import (IMAGENET_MEAN, IMAGENET_STD, center_crop, image_t
                                mixup, normalize, random_resized_crop_box, resize, transform_options)
 from jaxfer.data.iterators import EvalBatches, Prefetch, TrainIterator
 from jaxfer.data.mixture import EvalChain, Mixture, mixture_sizes
-from jaxfer.data.pipeline import (SOURCES, make_pipeline, make_source, pipeline,
-                                  process_info, shard, split_source)
+from jaxfer.data.pipeline import (SOURCES, SourceKind, make_pipeline, make_source, pipeline,
+                                  process_info, read_source, shard, source_from_config, source_kind,
+                                  split_source)
 from jaxfer.data.elpv import read_elpv
 from jaxfer.data.sources import (ArraySource, ImageFileSource, ImageFolderSource, encode_labels,
-                                 from_arrays, from_records, gather, read_csv, read_image,
-                                 read_image_folder, read_jsonl, stack)
+                                 from_arrays, gather, read_image, read_image_folder, stack)
+from jaxfer.data.tables import from_records, read_csv, read_jsonl
 from jaxfer.data.split import local_batch_size, shard_indices, shard_sizes, split_indices
-from jaxfer.data.text import load_tokenizer, tokenize, tokenize_text_to_text, tokenize_texts
+from jaxfer.data.text import (check_token_ids, fit_max_length, load_tokenizer, tokenize,
+                              tokenize_text_to_text, tokenize_texts)
 from jaxfer.data.tfds_source import TfdsSource

@@ -20,8 +20,11 @@ and an image run::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+import inspect
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,10 +34,12 @@ from jaxfer.data import buckets as buckets_lib
 from jaxfer.data import elpv
 from jaxfer.data import image as image_lib
 from jaxfer.data import sources as sources_lib
+from jaxfer.data import tables
 from jaxfer.data import text as text_lib
 from jaxfer.data.iterators import EvalBatches, Prefetch, TrainIterator
 from jaxfer.data.split import check_process, local_batch_size, shard_indices, split_indices
 from jaxfer.data.tfds_source import TfdsSource
+from jaxfer.errors import ConfigError, DataError
 
 
 def process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -137,26 +142,85 @@ def pipeline(
                        seed=seed, workers=workers, buckets=buckets)
 
 
-SOURCES = {
-    "csv": sources_lib.read_csv,
-    "jsonl": sources_lib.read_jsonl,
-    "arrays": sources_lib.from_arrays,
-    "image_folder": sources_lib.read_image_folder,
-    "audio": audio_lib.read_audio_csv,
-    "elpv": elpv.read_elpv,
-    "tfds": TfdsSource,
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    """One kind of data source a recipe names in ``data.kind``.
+
+    ``make`` builds it (its keyword arguments come from the recipe's ``data``
+    section by name, ``path`` standing for ``root``; see :func:`source_from_config`);
+    ``modality`` is ``"text"`` (tokenised) or ``"image"`` (decoded and resized);
+    ``splits`` says what ``data.splits`` holds: ``"fractions"`` of one source
+    (split with :func:`split_source`) or split ``"names"`` (one source each).
+    """
+
+    make: Callable[..., Any]
+    modality: str | None
+    splits: str = "fractions"
+
+
+SOURCES: dict[str, SourceKind] = {
+    "csv": SourceKind(tables.read_csv, "text"),
+    "jsonl": SourceKind(tables.read_jsonl, "text"),
+    "arrays": SourceKind(sources_lib.from_arrays, None),
+    "image_folder": SourceKind(sources_lib.read_image_folder, "image"),
+    "audio": SourceKind(audio_lib.read_audio_csv, "audio"),
+    "elpv": SourceKind(elpv.read_elpv, "image"),
+    "tfds": SourceKind(TfdsSource, "image", splits="names"),
 }
+_CONFIG_NAMES = {"root": "path"}  # a reader's argument -> the recipe key that holds it
+
+
+def source_kind(kind: str) -> SourceKind:
+    if kind not in SOURCES:
+        raise ConfigError(f"unknown data.kind {kind!r}; choose one of {sorted(SOURCES)}")
+    return SOURCES[kind]
 
 
 def make_source(kind: str, **kwargs):
-    """``SOURCES[kind](**kwargs)``: ``csv``/``jsonl`` (path, text, label, task,
+    """``SOURCES[kind].make(**kwargs)``: ``csv``/``jsonl`` (path, text, label, task,
     label_names), ``arrays`` (columns, label), ``image_folder`` (root), ``audio`` (a CSV of
     WAV paths with transcripts or labels: path, audio, text, label, sampling_rate, max_seconds),
     ``elpv`` (root, threshold, cell_type),
     ``tfds`` (name, split, process_index, process_count, data_dir)."""
-    if kind not in SOURCES:
-        raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(SOURCES)}")
-    return SOURCES[kind](**kwargs)
+    return source_kind(kind).make(**kwargs)
+
+
+def source_from_config(data_cfg: Mapping[str, Any], **extra: Any):
+    """The sources a recipe's ``data`` section describes, as ``(train, validation, test, ...)``.
+
+    Each argument of the kind's ``make`` is taken from the section key of the
+    same name (``extra`` wins; unset keys keep the reader's default). A
+    ``"fractions"`` kind is read once (:func:`read_source`) and split by
+    ``data.splits`` (stratified, ``data.seed``/``extra["seed"]``); a ``"names"``
+    kind is read once per split name.
+    """
+    seed = extra.pop("seed", 0)
+    source = read_source(data_cfg, **extra)
+    if isinstance(source, tuple):
+        return source
+    return split_source(source, tuple(data_cfg["splits"]), seed=seed)
+
+
+def read_source(data_cfg: Mapping[str, Any], **extra: Any):
+    """The unsplit source of a ``"fractions"`` kind (a tuple, one per split name, for a
+    ``"names"`` kind), its reader's arguments taken as in :func:`source_from_config`."""
+    kind = source_kind(data_cfg["kind"])
+    params = inspect.signature(kind.make).parameters
+    extra.pop("seed", None)
+    kwargs = {}
+    for name in params:
+        key = _CONFIG_NAMES.get(name, name)
+        if key in extra:
+            kwargs[name] = extra[key]
+        elif key in data_cfg and name != "split" and data_cfg[key] not in (None, "", (), []):
+            value = data_cfg[key]
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    for name in ("path", "root"):
+        if name in kwargs and not os.path.exists(kwargs[name]):
+            raise DataError(f"data.path {kwargs[name]!r} does not exist (data.kind={data_cfg['kind']!r})")
+    if kind.splits == "names":
+        return tuple(kind.make(**kwargs, split=split) for split in data_cfg["splits"])
+    return kind.make(**kwargs)
 
 
 def make_pipeline(
@@ -177,6 +241,8 @@ def make_pipeline(
     image_options: dict | None = None,
     mixup_alpha: float = 0.0,
     num_classes: int | None = None,
+    vocab_size: int | None = None,
+    max_positions: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     workers: int = 0,
@@ -191,6 +257,10 @@ def make_pipeline(
       ``max_length``; ``None``: every batch ``max_length`` long), and with
       ``group_by_length`` training batches hold texts of similar length. With
       ``cache_dir`` the tokens are kept there and reused (:func:`text.tokenize`).
+      ``vocab_size`` / ``max_positions`` (``**model.text_limits()``) check the
+      tokens against the model: ``max_length`` is cut to the position table
+      with a warning, ids outside the vocabulary are a ``DataError`` (see
+      :mod:`jaxfer.data.text`), never NaN later.
     * ``image_size``: decode ``"image"`` into ``pixel_values`` with
       :func:`image.image_transform` (training augmentation when ``train``;
       ``image_options`` are passed through, e.g. ``resize``, ``mean``, ``std``).
@@ -204,8 +274,10 @@ def make_pipeline(
     local, total = (source, len(source)) if global_order else shard(source, pi, pc)
     buckets = None
     if tokenizer is not None:
+        max_length = text_lib.fit_max_length(max_length, max_positions)
         local = text_lib.tokenize(local, tokenizer, max_length, text=text, text_pair=text_pair,
                                   cache_dir=cache_dir)
+        text_lib.check_token_ids(local.columns["input_ids"], vocab_size, f"text column {text!r}")
         if length_buckets:
             sizes = None if isinstance(length_buckets, str) else length_buckets
             buckets = buckets_lib.Buckets.for_tokens(local.columns, text_lib.TOKEN_KEYS, sizes,

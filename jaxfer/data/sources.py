@@ -5,8 +5,8 @@ A *source* is anything with ``len(source)`` and ``source[i] -> dict[str, array]`
 (a stacked batch, fast for in-memory columns) and ``select(indices) -> source``
 (a subset, used for splits and per-host shards).
 
-* :class:`ArraySource` -- columns of equal length in memory (numpy arrays, CSV,
-  JSONL, tokenised text).
+* :class:`ArraySource` -- columns of equal length in memory (numpy arrays,
+  CSV and JSONL read by :mod:`jaxfer.data.tables`, tokenised text).
 * :class:`ImageFolderSource` -- ``root/<class_name>/*.png|jpg`` read lazily with PIL.
 * ``jaxfer.data.tfds.TfdsSource`` -- tensorflow-datasets via ``tfds.data_source``.
 
@@ -17,9 +17,7 @@ the source as ``label_names``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -93,81 +91,6 @@ def from_arrays(
     if label is not None:
         columns[label], vocab = encode_labels(columns[label], label_names)
     return ArraySource(columns, vocab)
-
-
-def from_records(
-    records: Sequence[Mapping[str, Any]],
-    *,
-    text: str | Sequence[str] = "text",
-    label: str | None = "label",
-    task: str = "classification",
-    label_names: Sequence[str] | None = None,
-    where: str = "records",
-) -> ArraySource:
-    """Rows (dicts) -> :class:`ArraySource` with text column(s), ``label`` and ``id``.
-
-    ``text`` is one column name or several (e.g. ``("premise", "hypothesis")``);
-    they keep their names. ``task`` is ``"classification"`` (names -> ids, the
-    vocabulary recorded as ``label_names``) or ``"regression"`` (float32 targets,
-    NaN for an empty cell).
-    ``id`` is the row number, so every example can be traced back to its row.
-    """
-    text_cols = [text] if isinstance(text, str) else list(text)
-    wanted = text_cols + ([label] if label else [])
-    if records:
-        missing = [c for c in wanted if c not in records[0]]
-        if missing:
-            raise KeyError(f"{where}: no column(s) {missing}; columns are {list(records[0])}")
-    cols: dict[str, np.ndarray] = {
-        c: np.asarray(["" if r[c] is None else str(r[c]) for r in records], dtype=object)
-        for c in text_cols
-    }
-    cols["id"] = np.arange(len(records), dtype=np.int64)
-    vocab = None
-    if label:
-        values = [r[label] for r in records]
-        if task == "classification":
-            cols["label"], vocab = encode_labels(values, label_names)
-        elif task == "regression":  # an empty cell is a missing target (NaN: no label)
-            cols["label"] = np.asarray([np.nan if v in ("", None) else float(v) for v in values], np.float32)
-        else:
-            raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
-    return ArraySource(cols, vocab)
-
-
-def read_csv(
-    path: str | os.PathLike,
-    *,
-    text: str | Sequence[str] = "text",
-    label: str | None = "label",
-    task: str = "classification",
-    label_names: Sequence[str] | None = None,
-    delimiter: str = ",",
-    encoding: str = "utf-8",
-) -> ArraySource:
-    """A CSV file with a header row -> :class:`ArraySource` (see :func:`from_records`).
-
-    Undecodable bytes are replaced rather than failing the whole file.
-    """
-    with open(path, newline="", encoding=encoding, errors="replace") as f:
-        records = list(csv.DictReader(f, delimiter=delimiter))
-    return from_records(records, text=text, label=label, task=task,
-                        label_names=label_names, where=str(path))
-
-
-def read_jsonl(
-    path: str | os.PathLike,
-    *,
-    text: str | Sequence[str] = "text",
-    label: str | None = "label",
-    task: str = "classification",
-    label_names: Sequence[str] | None = None,
-) -> ArraySource:
-    """A JSON-lines file (one object per line) -> :class:`ArraySource`."""
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return from_records(records, text=text, label=label, task=task,
-                        label_names=label_names, where=str(path))
 
 
 # ------------------------------------------------------------ image folder

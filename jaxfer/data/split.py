@@ -65,7 +65,9 @@ def check_process(process_index: int, process_count: int) -> None:
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     """``global_batch_size // process_count``; an error unless it divides evenly."""
-    if global_batch_size < 1 or global_batch_size % process_count:
+    if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size < 1:
+        raise ValueError(f"the batch size must be a positive integer, got {global_batch_size!r}")
+    if global_batch_size % process_count:
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by process_count "
             f"{process_count}; choose a multiple of {process_count}"

@@ -1,15 +1,24 @@
-"""Tokenisation of text sources, once per dataset, in vectorised chunks (and cached on disk).
+"""Tokenisation of text sources, once per dataset, in vectorised chunks (and cached on disk),
+checked against the model.
 
 With a ``cache_dir``, :func:`tokenize` keeps its arrays in
 ``cache_dir/tokens-<key>.npz``; ``key`` hashes the texts, the tokenizer (its full
 ``tokenizer.json`` for fast tokenizers, else its vocabulary) and ``max_length``,
 so a changed dataset or tokenizer never reads stale tokens and a rerun (a
 resumed job, another recipe variant on the same data) skips the tokenizer.
+
+A model's embedding tables bound what it can read: token ids must be in
+``[0, vocab_size)`` (an id past the table gives NaN, a negative one silently
+wraps around) and sequences at most ``max_positions`` long (the position
+table). :func:`fit_max_length` truncates a longer ``max_length`` with a warning;
+:func:`check_token_ids` refuses ids outside the vocabulary (a tokenizer that
+does not belong to the model) with a :class:`~jaxfer.errors.DataError`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +26,9 @@ from typing import Any
 import numpy as np
 
 from jaxfer.data.sources import ArraySource
+from jaxfer.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -63,6 +75,26 @@ def tokenize_texts(
             if k in enc:
                 out[k][lo:hi] = enc[k]
     return out
+
+
+def fit_max_length(max_length: int, max_positions: int | None) -> int:
+    """``max_length``, truncated (with a warning) to the model's position table."""
+    if max_positions is not None and max_length > max_positions:
+        logger.warning("max_length %d is longer than the model's %d positions: texts are "
+                       "truncated to %d tokens", max_length, max_positions, max_positions)
+        return int(max_positions)
+    return int(max_length)
+
+
+def check_token_ids(input_ids: np.ndarray, vocab_size: int | None, where: str = "the data") -> None:
+    """Every id in ``[0, vocab_size)``, else a :class:`DataError` naming the largest one."""
+    if vocab_size is None or not np.size(input_ids):
+        return
+    low, high = int(np.min(input_ids)), int(np.max(input_ids))
+    if low < 0 or high >= vocab_size:
+        raise DataError(f"{where}: token ids span [{low}, {high}] but the model's vocabulary holds "
+                        f"[0, {vocab_size}): the tokenizer does not belong to this model (use the "
+                        "one saved with its weights)")
 
 
 def tokenize(

@@ -174,6 +174,15 @@ def dummy_inputs(config: Any) -> dict:
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+def text_limits(config: Any) -> tuple[int, int]:
+    """``(vocab_size, max_positions)``; RoBERTa's positions start after ``pad_token_id``."""
+    c = config_dict(config)
+    positions = int(c["max_position_embeddings"])
+    if c.get("model_type") in ("roberta", "xlm-roberta"):
+        positions -= int(c.get("pad_token_id", 1)) + 1
+    return int(c["vocab_size"]), positions
+
+
 def build(config: Any) -> BertModel:
     """``config.add_pooling_layer = False`` (not a HF field) builds BERT without a pooler,
     as HF's ``BertFor{TokenClassification,MaskedLM,...}`` checkpoints store it."""
@@ -201,4 +210,5 @@ for _type, _prefix in (("bert", "bert"), ("roberta", "roberta")):
         task_heads=TASK_HEADS[_type],
         feature_layers=lambda config: ("embeddings", *(f"encoder/layer/{i}" for i in range(
             int(config_dict(config)["num_hidden_layers"])))),
+        text_limits=text_limits,
     ))

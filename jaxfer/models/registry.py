@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxfer.errors import ConfigError
 from jaxfer.models.keymap import FlatVariables
 
 
@@ -66,6 +67,9 @@ class Family:
       task_heads: HF task architecture (``"BertForSequenceClassification"``) ->
         ``head(num_labels, config)``, the head module that architecture defines:
         ``load(dir, head="checkpoint")`` builds it, ``save`` names it.
+      text_limits: text families: ``config -> (vocab_size, max_positions)``, the
+        token ids ``[0, vocab_size)`` and the sequence length its embedding
+        tables hold (inputs past them give NaN); ``None`` for other families.
     """
 
     model_type: str
@@ -76,6 +80,7 @@ class Family:
     num_layers: Callable[[Any], int]
     base_model_prefix: str = ""
     default_pooling: str = "pooler"
+    text_limits: Callable[[Any], tuple[int, int]] | None = None
     head_map: tuple = ()
     feature_layers: Callable[[Any], tuple[str, ...]] | None = None
     preprocessing: Callable[[Any], dict] | None = None
@@ -107,7 +112,8 @@ def get(model_type: str) -> Family:
         return _FAMILIES[model_type]
     except KeyError:
         known = ", ".join(sorted(_FAMILIES)) or "none"
-        raise KeyError(f"no jaxfer model family for model_type {model_type!r}; known: {known}") from None
+        raise ConfigError(f"no jaxfer model family for model_type {model_type!r} (from the "
+                          f"weights' config.json); known: {known}") from None
 
 
 def known() -> list[str]:

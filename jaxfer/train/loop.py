@@ -219,6 +219,19 @@ class _NonFiniteWatch:
         return None
 
 
+def _check_labels(batch: Batch, num_classes: int, step: int) -> None:
+    """Class ids of a host batch in ``[0, num_classes)`` (``-100``: ignored), else a DataError."""
+    labels = batch.get("label")
+    if labels is None or not np.issubdtype(np.asarray(labels).dtype, np.integer):
+        return
+    labels = np.asarray(labels)
+    bad = (labels != -100) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        raise DataError(f"step {step}: labels {sorted(set(labels[bad].tolist()))[:5]} are outside "
+                        f"[0, {num_classes}) for the {num_classes} label_names; nothing was trained "
+                        "on this batch")
+
+
 def _batch_examples(batch: Batch) -> int:
     """Real examples in a host batch (all processes together)."""
     if "mask" in batch:
@@ -315,7 +328,9 @@ def fit(
       steps: total optimizer steps, counting those of a resumed run.
       eval_step, eval_batches: per-example outputs and a re-iterable set of
         padded batches; evaluated every ``eval_every`` steps (0: only at the end).
-      task, label_names, metrics_fn: the evaluation's metrics (see :func:`evaluate`).
+      task, label_names, metrics_fn: the evaluation's metrics (see :func:`evaluate`);
+        with ``label_names``, a classification batch whose class ids fall outside
+        them is a :class:`~jaxfer.errors.DataError` before its step runs.
       workdir: where logs, plots and (by default) checkpoints go.
       checkpointer: default, when ``workdir`` and ``checkpoint_every`` are given,
         a ``Checkpointer(workdir)`` keeping the latest checkpoint and the best
@@ -421,6 +436,8 @@ def fit(
                 logger.warning("training data ran out at step %d of %d", step, steps)
                 break
             data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
+            if label_names is not None and task == "classification":
+                _check_labels(batch, len(label_names), step + 1)
             window_examples += _batch_examples(batch)
             state, step_metrics = train_step(state, shard_batch(batch))
             step += 1

@@ -40,7 +40,8 @@ def softmax_cross_entropy(label_smoothing: float = 0.0, ignore_index: int | None
     sequence classification, ``[B, T]`` for token classification), or float
     target distributions of the logits' own shape (one-hot or soft, as mixup
     makes). Integer labels equal to ``ignore_index`` get weight 0 (and a finite
-    loss, so ``0 * loss`` stays 0).
+    loss, so ``0 * loss`` stays 0); any other id outside ``[0, num_classes)``
+    gets a NaN loss, which the train step's non-finite guard stops on.
 
     ``label_smoothing`` mixes the target with the uniform distribution:
     ``(1 - s) * target + s / num_classes`` (as ``torch.nn.CrossEntropyLoss``).
@@ -67,6 +68,10 @@ def softmax_cross_entropy(label_smoothing: float = 0.0, ignore_index: int | None
         if label_smoothing:
             targets = optax.smooth_labels(targets, label_smoothing)
         losses = optax.softmax_cross_entropy(logits, targets)
+        if not jnp.issubdtype(labels.dtype, jnp.floating):
+            # a class id outside [0, num_classes) has no target: NaN, never a finite wrong loss
+            outside = valid & ((labels < 0) | (labels >= num_classes))
+            losses = jnp.where(outside, jnp.nan, losses)
         return losses, weights
 
     return loss_fn

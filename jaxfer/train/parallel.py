@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxfer import tree
+from jaxfer.errors import ConfigError
 
 PyTree = Any
 DATA, FSDP = "data", "fsdp"
@@ -158,7 +159,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
     n = mesh.shape[DATA] * mesh.shape[FSDP]
     if global_batch % n:
-        raise ValueError(f"global batch size {global_batch} does not divide over the {n} devices of "
+        raise ConfigError(f"global batch size {global_batch} does not divide over the {n} devices of "
                          f"the mesh (data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); "
                          f"use a multiple of {n}")
 

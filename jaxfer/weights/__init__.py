@@ -7,14 +7,15 @@ Key maps (checkpoint names -> param paths) live beside the models, in
 (``init_model(config)``: the same model with random weights, to train from scratch).
 """
 
+from jaxfer.errors import WeightsError
 from jaxfer.models.keymap import KeyRule, Transform, apply_key_map, batch_norm, generic_rules
 from jaxfer.weights import readers, sources, strict, surgery
 from jaxfer.weights.load import Model, init_model, load
 from jaxfer.weights.strict import LoadError, LoadReport
-from jaxfer.weights.readers import CheckpointError, write_msgpack, write_npz
+from jaxfer.weights.readers import write_msgpack, write_npz
 
 __all__ = [
     "readers", "sources", "strict", "surgery",
     "KeyRule", "Transform", "apply_key_map", "batch_norm", "generic_rules",
-    "Model", "init_model", "load", "LoadError", "LoadReport", "CheckpointError", "write_msgpack", "write_npz",
+    "Model", "init_model", "load", "LoadError", "LoadReport", "WeightsError", "write_msgpack", "write_npz",
 ]

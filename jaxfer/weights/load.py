@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfer import tree
+from jaxfer.errors import DataError
 from jaxfer.models import registry
 from jaxfer.models.heads import TaskModel, train_kwarg
 from jaxfer.models.keymap import apply_key_map, generic_rules, strip_prefix
@@ -83,13 +84,39 @@ class Model:
         """Fresh random variables for the same module (not the pretrained ones)."""
         return _init(self.module, self.family, self.config, rng)
 
+    def text_limits(self) -> dict[str, int]:
+        """``{"vocab_size", "max_positions"}`` of a text model (empty for others), the
+        bounds its inputs must respect; ``data.make_pipeline(..., **model.text_limits())``."""
+        if self.family.text_limits is None:
+            return {}
+        vocab_size, max_positions = self.family.text_limits(self.config)
+        return {"vocab_size": vocab_size, "max_positions": max_positions}
+
     def apply(self, params: Any = None, *args, train: bool = False, rngs: Any = None,
               mutable: Any = False, **inputs):
+        if args and isinstance(args[0], Mapping):
+            raise TypeError(f"model.apply got a dict of inputs ({sorted(args[0])[:4]}) as a "
+                            "positional argument; pass them as keywords: model.apply(params, **batch)")
+        self._check_inputs(inputs)
         variables = dict(self.variables)
         if params is not None:
             variables.update(params if "params" in params else {"params": params})
         return self.module.apply(variables, *args, rngs=rngs, mutable=mutable,
                                  **inputs, **train_kwarg(self.module, train))
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        """Concrete token ids against the vocabulary and position table (not under jit)."""
+        ids = inputs.get("input_ids")
+        limits = self.text_limits()
+        if ids is None or not limits or isinstance(ids, jax.core.Tracer):
+            return
+        from jaxfer.data.text import check_token_ids
+
+        check_token_ids(np.asarray(ids), limits["vocab_size"], "model.apply input_ids")
+        if np.shape(ids)[-1] > limits["max_positions"]:
+            raise DataError(f"model.apply input_ids hold {np.shape(ids)[-1]} tokens but the model's "
+                            f"position table holds {limits['max_positions']}: truncate them "
+                            f"(tokenizer(..., truncation=True, max_length={limits['max_positions']}))")
 
     def replace(self, **changes) -> "Model":
         return dataclasses.replace(self, **changes)

@@ -9,7 +9,7 @@ Two kinds of result (:class:`Checkpoint`):
 * ``variables``: ``{collection: {our/path: np.ndarray}}`` from ``flax_model.msgpack``,
   ``.npz`` (flat path keys) and orbax checkpoint directories: already our layout.
 
-A file that cannot be read raises :class:`CheckpointError` naming the file.
+A file that cannot be read raises :class:`WeightsError` naming the file.
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ from typing import Any
 import numpy as np
 
 from jaxfer import tree
+from jaxfer.errors import WeightsError
 
 COLLECTIONS = ("params", "batch_stats")
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, truncated or of an unknown format."""
 
 
 @dataclasses.dataclass
@@ -53,7 +50,7 @@ def find(path: str | Path) -> tuple[str, list[Path]]:
     if _is_orbax(path):
         return "orbax", [path]
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or directory")
+        raise WeightsError(f"{path}: no such file or directory")
     for name in ("model.safetensors.index.json", "model.safetensors", "flax_model.msgpack",
                  "pytorch_model.bin.index.json", "pytorch_model.bin", "model.npz", "params.npz"):
         if (path / name).exists():
@@ -66,8 +63,8 @@ def find(path: str | Path) -> tuple[str, list[Path]]:
     if len(found) == 1:
         return find(found[0])
     listing = ", ".join(sorted(p.name for p in path.iterdir())) or "empty"
-    raise CheckpointError(f"{path}: no weights found (looked for safetensors, flax_model.msgpack, "
-                          f"pytorch_model.bin, .npz, orbax, a single .pth); directory holds: {listing}")
+    raise WeightsError(f"{path}: no weights found (looked for safetensors, flax_model.msgpack, "
+                       f"pytorch_model.bin, .npz, orbax, a single .pth); directory holds: {listing}")
 
 
 def _format_of_file(path: Path) -> str:
@@ -82,7 +79,7 @@ def _format_of_file(path: Path) -> str:
         return "npz"
     if name.endswith((".h5", ".hdf5")):
         return "keras"
-    raise CheckpointError(f"{path}: unknown checkpoint format")
+    raise WeightsError(f"{path}: unknown checkpoint format")
 
 
 def _shards(path: Path) -> list[Path]:
@@ -91,11 +88,11 @@ def _shards(path: Path) -> list[Path]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a valid shard index ({e})") from e
+        raise WeightsError(f"{path}: not a valid shard index ({e})") from e
     files = [path.parent / f for f in dict.fromkeys(weight_map.values())]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise CheckpointError(f"{path}: shard files missing: {', '.join(missing)}")
+        raise WeightsError(f"{path}: shard files missing: {', '.join(missing)}")
     return files
 
 
@@ -137,7 +134,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
                         out[key] = np.asarray(g.get_tensor(key))
         return out
     except Exception as e:  # safetensors raises its own (Rust) error types
-        raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+        raise WeightsError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from e
 
 
 def read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -146,15 +143,15 @@ def read_torch(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch  # only when a PyTorch checkpoint is actually present
     except ImportError:
-        raise CheckpointError(f"{path}: a PyTorch checkpoint; reading it safely needs torch "
+        raise WeightsError(f"{path}: a PyTorch checkpoint; reading it safely needs torch "
                               "(pip install 'jaxfer[torch]'), or convert it to safetensors") from None
 
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {e}") from e
     if not isinstance(sd, Mapping):
-        raise CheckpointError(f"{path}: expected a state_dict mapping, got {type(sd).__name__}")
+        raise WeightsError(f"{path}: expected a state_dict mapping, got {type(sd).__name__}")
     out = {}
     for key, t in sd.items():
         t = t.detach().cpu()
@@ -184,7 +181,7 @@ def read_keras_h5(path: Path) -> dict[str, np.ndarray]:
     try:
         import h5py
     except ImportError:
-        raise CheckpointError(f"{path}: a Keras .h5 file; reading it needs h5py (pip install 'jaxfer[keras]')") from None
+        raise WeightsError(f"{path}: a Keras .h5 file; reading it needs h5py (pip install 'jaxfer[keras]')") from None
     try:
         with h5py.File(path, "r") as f:
             group = f["model_weights"] if "model_weights" in f else f
@@ -205,16 +202,16 @@ def read_keras_h5(path: Path) -> dict[str, np.ndarray]:
                     n = len(layer["vars"])
                     names = _KERAS_VARS.get(kind)
                     if names is None:
-                        raise CheckpointError(f"{path}: layer {name!r} of class {kind!r}: variable names unknown")
+                        raise WeightsError(f"{path}: layer {name!r} of class {kind!r}: variable names unknown")
                     names = names[1:] if kind == "batch_normalization" and n == 3 else names[:n]
                     for i, var in enumerate(names):
                         out[f"{name}/{var}"] = np.asarray(layer["vars"][str(i)])
                 return out
-    except CheckpointError:
+    except WeightsError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable Keras HDF5 file (corrupt or truncated?): {e}") from e
-    raise CheckpointError(f"{path}: an HDF5 file without Keras weights (no layer_names, no layers/)")
+        raise WeightsError(f"{path}: not a readable Keras HDF5 file (corrupt or truncated?): {e}") from e
+    raise WeightsError(f"{path}: an HDF5 file without Keras weights (no layer_names, no layers/)")
 
 
 def _names(values) -> list[str]:
@@ -234,9 +231,9 @@ def read_msgpack(path: Path) -> dict[str, dict[str, np.ndarray]]:
     try:
         restored = serialization.msgpack_restore(path.read_bytes())
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable Flax msgpack file (corrupt or truncated?): {e}") from e
+        raise WeightsError(f"{path}: not a readable Flax msgpack file (corrupt or truncated?): {e}") from e
     if not isinstance(restored, Mapping):
-        raise CheckpointError(f"{path}: expected a params mapping, got {type(restored).__name__}")
+        raise WeightsError(f"{path}: expected a params mapping, got {type(restored).__name__}")
     return _as_variables(restored)
 
 
@@ -246,7 +243,7 @@ def read_npz(path: Path) -> dict[str, dict[str, np.ndarray]]:
         with np.load(path, allow_pickle=False) as z:
             flat = {k: z[k] for k in z.files}
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable .npz file (corrupt or truncated?): {e}") from e
+        raise WeightsError(f"{path}: not a readable .npz file (corrupt or truncated?): {e}") from e
     if flat and all(k.split("/", 1)[0] in COLLECTIONS and "/" in k for k in flat):
         out: dict[str, dict[str, np.ndarray]] = {}
         for k, v in flat.items():
@@ -262,7 +259,7 @@ def read_orbax(path: Path) -> dict[str, dict[str, np.ndarray]]:
     try:
         restored = ocp.StandardCheckpointer().restore(str(Path(path).absolute()))
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable orbax checkpoint: {e}") from e
+        raise WeightsError(f"{path}: not a readable orbax checkpoint: {e}") from e
     return _as_variables(restored)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from jaxfer import tree
+from jaxfer.errors import JaxferError
 
 Key = tuple[str, str]  # (collection, path)
 
@@ -68,7 +69,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-class LoadError(ValueError):
+class LoadError(JaxferError, ValueError):
     """Checkpoint and model disagree; the message lists every disagreement."""
 
     def __init__(self, source: str, missing: Sequence[str], unexpected: Sequence[str],
