@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxfer import data
+from jaxfer.errors import DataError
 
 ROWS = [
     {"tweet": "I love this new phone", "sentiment": "positive", "score": 0.9},
@@ -63,7 +64,7 @@ def test_text_file_labels_mapped_with_stable_vocabulary(tmp_path, fmt):
 
 def test_unknown_column_and_label_are_errors(tmp_path):
     _write_csv(tmp_path / "d.csv")
-    with pytest.raises(KeyError, match="text"):
+    with pytest.raises(DataError, match=r"d\.csv: no column\(s\) \['text'\]"):
         data.read_csv(tmp_path / "d.csv", text="text", label="sentiment")
     with pytest.raises(ValueError, match="neutral"):
         data.read_csv(tmp_path / "d.csv", text="tweet", label="sentiment",
