@@ -1,5 +1,6 @@
 """Loading formats, strict merge errors and reinit, and surgery, on tiny BERTs."""
 
+import json
 import shutil
 
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 import jaxfer.weights as jw  # noqa: E402
 from jaxfer import tree  # noqa: E402
 from jaxfer.models import heads  # noqa: E402
-from jaxfer.weights import surgery  # noqa: E402
+from jaxfer.weights import readers, surgery  # noqa: E402
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64)
@@ -214,3 +215,20 @@ def test_reset_head():
     new, rec = surgery.reset_head(p, "classifier", 3)
     assert new["classifier"]["kernel"].shape == (8, 3) and not np.any(new["classifier"]["bias"])
     assert rec.before == (8, 1000) and p["classifier"]["kernel"].shape == (8, 1000)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/ABS/outside.safetensors",
+                                  "sub/../../outside.safetensors", "..\\outside.safetensors",
+                                  "C:\\outside.safetensors"])
+def test_shard_index_cannot_name_a_file_outside_its_folder(tmp_path, name):
+    from safetensors.numpy import save_file
+
+    outside = tmp_path / "outside.safetensors"
+    save_file({"secret": np.ones(2, np.float32)}, str(outside))  # a valid file: it would load
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    name = name.replace("/ABS/", str(tmp_path) + "/")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"secret": name}}))
+    with pytest.raises(jw.WeightsError, match="outside the checkpoint folder"):
+        readers.read(folder)

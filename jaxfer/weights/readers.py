@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -86,31 +86,76 @@ def _shards(path: Path) -> list[Path]:
     if not path.name.endswith(".index.json"):
         return [path]
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as e:
-        raise WeightsError(f"{path}: not a valid shard index ({e})") from e
-    files = [path.parent / f for f in dict.fromkeys(weight_map.values())]
-    missing = [str(f) for f in files if not f.exists()]
+        index = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise WeightsError(f"{path}: not a valid shard index ({type(e).__name__}: {e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise WeightsError(f"{path}: not a valid shard index (no 'weight_map' of tensor name -> "
+                           "shard file name)")
+    files = [shard_path(path, name) for name in dict.fromkeys(weight_map.values())]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise WeightsError(f"{path}: shard files missing: {', '.join(missing)}")
+        raise WeightsError(f"{path}: shard files missing: {', '.join(missing[:10])}")
     return files
+
+
+def shard_path(index: Path, name: str) -> Path:
+    """The shard ``name`` of an index, confined to the index's folder.
+
+    A shard is named by a relative path below the folder; an absolute path, a
+    drive, or a ``..`` step is refused (:class:`WeightsError`), so an index can
+    never make jaxfer open a file elsewhere. (Symlinks *inside* the folder are its
+    owner's: the Hugging Face cache links every file to its blob store.)
+    """
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if (not name or pure.is_absolute() or PureWindowsPath(name).drive or "\0" in name
+            or any(part == ".." for part in pure.parts)):
+        raise WeightsError(f"{index}: shard {name!r} is outside the checkpoint folder "
+                           f"{index.parent}; an index may only name files inside it")
+    return index.parent.joinpath(*pure.parts)
 
 
 # -------------------------------------------------------------------- readers
 def read(path: str | Path) -> Checkpoint:
-    """Read the weights at ``path`` (file or directory) into numpy."""
+    """Read the weights at ``path`` (file or directory) into numpy.
+
+    Whatever the files hold, the result is numeric arrays by string name, or a
+    :class:`WeightsError` naming the file (the tests fuzz every format).
+    """
     fmt, files = find(path)
-    if fmt == "safetensors":
-        return Checkpoint(fmt, files, state_dict=_merge(read_safetensors(f) for f in files))
-    if fmt == "pytorch":
-        return Checkpoint(fmt, files, state_dict=_merge(read_torch(f) for f in files))
-    if fmt == "msgpack":
-        return Checkpoint(fmt, files, variables=read_msgpack(files[0]))
-    if fmt == "npz":
-        return Checkpoint(fmt, files, variables=read_npz(files[0]))
-    if fmt == "keras":
-        return Checkpoint(fmt, files, state_dict=read_keras_h5(files[0]))
-    return Checkpoint(fmt, files, variables=read_orbax(files[0]))
+    try:
+        if fmt == "safetensors":
+            ckpt = Checkpoint(fmt, files, state_dict=_merge(read_safetensors(f) for f in files))
+        elif fmt == "pytorch":
+            ckpt = Checkpoint(fmt, files, state_dict=_merge(read_torch(f) for f in files))
+        elif fmt == "msgpack":
+            ckpt = Checkpoint(fmt, files, variables=read_msgpack(files[0]))
+        elif fmt == "npz":
+            ckpt = Checkpoint(fmt, files, variables=read_npz(files[0]))
+        elif fmt == "keras":
+            ckpt = Checkpoint(fmt, files, state_dict=read_keras_h5(files[0]))
+        else:
+            ckpt = Checkpoint(fmt, files, variables=read_orbax(files[0]))
+    except WeightsError:
+        raise
+    except Exception as e:  # a malformed file can trip any step after its format's reader
+        raise WeightsError(f"{files[0]}: not a readable {fmt} checkpoint ({type(e).__name__}: {e})") from e
+    flat = ckpt.state_dict if ckpt.state_dict is not None else \
+        {f"{c}/{p}": v for c, vs in ckpt.variables.items() for p, v in vs.items()}
+    for name, value in flat.items():
+        _check_array(files[0], name, value)
+    return ckpt
+
+
+def _check_array(file: Path, name: Any, value: Any) -> None:
+    import jax.numpy as jnp
+
+    if not isinstance(name, str) or not isinstance(value, np.ndarray) or not (
+            jnp.issubdtype(value.dtype, jnp.number) or value.dtype == np.bool_):
+        raise WeightsError(f"{file}: entry {name!r} is not a numeric array "
+                           f"({type(value).__name__} {getattr(value, 'dtype', '')})")
 
 
 def _merge(parts) -> dict[str, np.ndarray]:
@@ -154,6 +199,8 @@ def read_torch(path: Path) -> dict[str, np.ndarray]:
         raise WeightsError(f"{path}: expected a state_dict mapping, got {type(sd).__name__}")
     out = {}
     for key, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise WeightsError(f"{path}: entry {key!r} is a {type(t).__name__}, not a tensor")
         t = t.detach().cpu()
         if t.dtype == torch.bfloat16:
             t = t.float()
@@ -220,9 +267,19 @@ def _names(values) -> list[str]:
 
 def _as_variables(tree_like: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     """Nested tree -> ``{collection: {path: array}}``; a bare params tree becomes ``params``."""
+    _check_keys(tree_like)
     if "params" in tree_like and set(tree_like) <= set(COLLECTIONS) | {"params"}:
         return {c: {p: np.asarray(v) for p, v in tree.flatten(t).items()} for c, t in tree_like.items()}
     return {"params": {p: np.asarray(v) for p, v in tree.flatten(dict(tree_like)).items()}}
+
+
+def _check_keys(node: Any, where: str = "") -> None:
+    """Every key of a nested mapping is a string (what a params tree's paths are made of)."""
+    if isinstance(node, Mapping):
+        for key, child in node.items():
+            if not isinstance(key, str):
+                raise WeightsError(f"key {key!r} under {where or 'the root'!r} is not a string")
+            _check_keys(child, f"{where}/{key}" if where else key)
 
 
 def read_msgpack(path: Path) -> dict[str, dict[str, np.ndarray]]:
