@@ -166,9 +166,18 @@ class JsonLines:
 
     @staticmethod
     def read(p: str | os.PathLike) -> list[dict]:
+        """The records of a file; a line torn by a crash mid-write is dropped with a warning."""
         if not exists(p):
             return []
-        return [json.loads(line) for line in read_text(p).splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(read_text(p).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                logger.warning("%s:%d: dropped a torn line (a crash while it was written)", p, number)
+        return records
 
     def append(self, record: dict) -> None:
         self._records.append(record)

@@ -3,14 +3,16 @@
 Imported, it offers :func:`make_task`. Run as a script, it trains in a workdir
 and, with ``--kill-at K``, SIGKILLs itself right after the checkpoint of step K
 is on disk (``--signal-at K:TERM`` sends itself SIGTERM there instead, and exits
-as the CLI does: ``128 + signum``); run again without it, the run resumes and
-saves its final params to ``workdir/final_params.npz``.
+as the CLI does: ``128 + signum``; ``--fault K:PHASE`` SIGKILLs it at one of
+:data:`PHASES` of step K); run again without it, the run resumes and saves its
+final params to ``workdir/final_params.npz``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import signal
 import sys
@@ -90,9 +92,70 @@ def make_task(lr: float = 0.03, seed: int = 0, n_train: int = 96, n_eval: int = 
     return state, train_step, eval_step, train_iter, eval_batches
 
 
-def train(workdir: str | None, steps: int, every: int, hooks=(), checkpointer=None):
+# where a run can die, in the order they happen within a step of fit()
+PHASES = ("before_step", "mid_log", "eval", "save_item", "save_commit", "after_step")
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(fault: str, train_step, eval_step, hooks):
+    """SIGKILL this process at ``"STEP:PHASE"``: before the step runs, half-way through
+    writing its metrics.jsonl line, during its evaluation, after a checkpoint item is
+    written but before the step's checkpoint commits (``save_item``), just before the
+    commit rename (``save_commit``), or after everything of the step."""
+    step, phase = fault.split(":")
+    step = int(step)
+    if phase == "before_step":
+        def train_step(state, batch, inner=train_step):
+            if int(state.step) + 1 == step:
+                _die()
+            return inner(state, batch)
+    elif phase == "eval":
+        def eval_step(state, batch, inner=eval_step):
+            if int(state.step) == step:
+                _die()
+            return inner(state, batch)
+    elif phase == "mid_log":
+        from jaxfer import workdir as workdir_lib
+
+        def append(self, record, inner=workdir_lib.JsonLines.append):
+            if record.get("step") == step and self._file is not None:
+                line = json.dumps(record) + "\n"
+                self._file.write(line[: len(line) // 2])  # a torn line on disk
+                self._file.flush()
+                _die()
+            return inner(self, record)
+
+        workdir_lib.JsonLines.append = append
+    elif phase in ("save_item", "save_commit"):
+        from orbax.checkpoint._src.path import atomicity
+
+        inner = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def finalize(self, *args, **kwargs):
+            final, tmp = self._final_path, self._tmp_path
+            if phase == "save_commit" and final.name == str(step):
+                _die()
+            if phase == "save_item" and tmp.parent.name.startswith(f"{step}."):
+                _die()  # this item's files are written, the step is not committed
+            return await inner(self, *args, **kwargs)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    elif phase == "after_step":
+        hooks = [*hooks, lambda s, state, records: _die() if s == step else None]
+    else:
+        raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
+    return train_step, eval_step, hooks
+
+
+def train(workdir: str | None, steps: int, every: int, hooks=(), checkpointer=None,
+          fault: str | None = None):
     """The run the resume test repeats: eval and checkpoint every ``every`` steps."""
     state, train_step, eval_step, train_iter, eval_batches = make_task()
+    if fault:
+        train_step, eval_step, hooks = arm(fault, train_step, eval_step, hooks)
     return fit(state, train_step, train_iter, steps=steps, eval_step=eval_step,
                eval_batches=eval_batches, eval_every=every, label_names=LABEL_NAMES,
                workdir=workdir, checkpointer=checkpointer, checkpoint_every=every,
@@ -106,6 +169,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--signal-at", default=None, help="STEP:TERM or STEP:INT")
+    parser.add_argument("--fault", default=None, help=f"STEP:PHASE, PHASE one of {PHASES}")
     args = parser.parse_args()
     checkpointer = Checkpointer(args.workdir, keep=2)
     signal_step, signal_name = (args.signal_at or ":").split(":")
@@ -119,7 +183,7 @@ def main() -> None:
 
     try:
         state, _ = train(args.workdir, args.steps, args.every, hooks=[kill_after_checkpoint],
-                         checkpointer=checkpointer)
+                         checkpointer=checkpointer, fault=args.fault)
     except Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
