@@ -81,7 +81,7 @@ def test_a_pth_needs_the_family_named_and_a_new_head_needs_reinit():
 
 def test_pth_without_torch_is_refused_clearly(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "torch", None)
-    with pytest.raises(readers.CheckpointError, match="PyTorch checkpoint; reading it safely needs torch"):
+    with pytest.raises(readers.WeightsError, match="PyTorch checkpoint; reading it safely needs torch"):
         readers.read(PTH)
 
 

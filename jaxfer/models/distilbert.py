@@ -149,4 +149,6 @@ registry.register(registry.Family(
     base_model_prefix="distilbert",
     key_map=tuple(KEY_MAP),
     default_pooling="cls",
+    text_limits=lambda config: (int(config_dict(config, DEFAULTS)["vocab_size"]),
+                                int(config_dict(config, DEFAULTS)["max_position_embeddings"])),
 ))

@@ -207,4 +207,6 @@ registry.register(registry.Family(
     base_model_prefix="transformer",
     key_map=tuple(KEY_MAP),
     default_pooling="last",
+    text_limits=lambda config: (int(config_dict(config, DEFAULTS)["vocab_size"]),
+                                int(config_dict(config, DEFAULTS)["n_positions"])),
 ))

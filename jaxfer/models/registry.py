@@ -69,7 +69,8 @@ class Family:
         ``load(dir, head="checkpoint")`` builds it, ``save`` names it.
       text_limits: text families: ``config -> (vocab_size, max_positions)``, the
         token ids ``[0, vocab_size)`` and the sequence length its embedding
-        tables hold (inputs past them give NaN); ``None`` for other families.
+        tables hold (inputs past them give NaN; ``None``: no position table);
+        ``None`` for other families.
     """
 
     model_type: str
@@ -80,7 +81,7 @@ class Family:
     num_layers: Callable[[Any], int]
     base_model_prefix: str = ""
     default_pooling: str = "pooler"
-    text_limits: Callable[[Any], tuple[int, int]] | None = None
+    text_limits: Callable[[Any], tuple[int, int | None]] | None = None
     head_map: tuple = ()
     feature_layers: Callable[[Any], tuple[str, ...]] | None = None
     preprocessing: Callable[[Any], dict] | None = None

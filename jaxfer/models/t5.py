@@ -436,4 +436,5 @@ registry.register(registry.Family(
     key_map=tuple(KEY_MAP),
     default_pooling="mean",
     layer_stacks=layer_stacks,
+    text_limits=lambda config: (int(config_dict(config, DEFAULTS)["vocab_size"]), None),  # relative positions
 ))

@@ -90,7 +90,10 @@ class Model:
         if self.family.text_limits is None:
             return {}
         vocab_size, max_positions = self.family.text_limits(self.config)
-        return {"vocab_size": vocab_size, "max_positions": max_positions}
+        limits = {"vocab_size": vocab_size}
+        if max_positions is not None:  # T5: relative positions, no table
+            limits["max_positions"] = max_positions
+        return limits
 
     def apply(self, params: Any = None, *args, train: bool = False, rngs: Any = None,
               mutable: Any = False, **inputs):
@@ -113,7 +116,7 @@ class Model:
         from jaxfer.data.text import check_token_ids
 
         check_token_ids(np.asarray(ids), limits["vocab_size"], "model.apply input_ids")
-        if np.shape(ids)[-1] > limits["max_positions"]:
+        if np.shape(ids)[-1] > limits.get("max_positions", np.inf):
             raise DataError(f"model.apply input_ids hold {np.shape(ids)[-1]} tokens but the model's "
                             f"position table holds {limits['max_positions']}: truncate them "
                             f"(tokenizer(..., truncation=True, max_length={limits['max_positions']}))")
