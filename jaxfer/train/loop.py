@@ -13,17 +13,23 @@ state after exactly ``step`` batches, so a resumed run sees the same batches and
 ends with the same parameters as an uninterrupted one (given a deterministic
 step function, which XLA's CPU and GPU compilers give for a fixed program).
 
-Outputs in ``workdir`` (written by process 0 only):
+Outputs in ``workdir`` (written by process 0 only, through :mod:`jaxfer.workdir`,
+so a ``gs://`` workdir works):
 
 * ``metrics.jsonl`` -- one JSON record per line: train records every
   ``log_every`` steps (``{"step", "split": "train", "loss", ..., "examples_per_sec"}``,
-  means over the window) and eval records (``"split": "eval"``, the full report
-  of :func:`jaxfer.metrics.compute` plus ``loss``). On resume, records after the
-  restored step are dropped, so the file reads like one run.
+  means over the window's finite steps, ``nonfinite`` counting the skipped ones)
+  and eval records (``"split": "eval"``, the full report of
+  :func:`jaxfer.metrics.compute` plus ``loss``); see :mod:`jaxfer.train.runlog`.
 * ``tb/`` -- TensorBoard event files (scalars only), via tensorboardX.
 * ``curves.png`` -- train loss and eval metrics against steps.
 * ``config.json`` -- the ``config`` given, if any.
 * ``checkpoints/`` -- see :mod:`jaxfer.train.checkpoint`.
+* ``jaxfer.lock`` -- held while the run lives: one run per workdir.
+
+What stops a run: ``steps`` reached, data exhausted, early stopping, too many
+non-finite steps in a row (:mod:`jaxfer.train.nonfinite`; nothing non-finite is
+saved), or SIGTERM/SIGINT (:mod:`jaxfer.train.preemption`; the step is saved).
 
 Metrics stay on the device between logging steps: the loop fetches them only
 every ``log_every`` steps, so it never blocks the accelerator on every step.
@@ -46,6 +52,7 @@ from jaxfer import metrics as metrics_lib
 from jaxfer import tree
 from jaxfer.errors import ConfigError, DataError, NonFiniteError, Preempted, WorkdirError
 from jaxfer.train.checkpoint import Checkpointer, initial_state
+from jaxfer.train.nonfinite import NonFiniteWatch, finite_report
 from jaxfer.train.preemption import StopRequests
 from jaxfer.train.runlog import RunLog, scalars
 from jaxfer.workdir import Lock
@@ -169,56 +176,6 @@ def _window_record(step: int, window: list[dict], examples: int, seconds: float)
     return record
 
 
-def _finite_report(report: dict) -> bool:
-    """Every scalar of an eval report is finite (NaN logits can still give a finite accuracy)."""
-    return all(math.isfinite(v) for v in scalars(report).values())
-
-
-class _NonFiniteWatch:
-    """Counts the steps the guard skipped, from ``metrics["nonfinite"]`` fetched lazily.
-
-    Steps without that metric (a ``train_step`` built without the guard) count
-    as non-finite when their ``loss`` is not finite, and stop the run at once:
-    their state may already hold the NaN.
-    """
-
-    def __init__(self, limit: int):
-        if limit < 0:
-            raise ValueError(f"max_nonfinite_skips must be >= 0, got {limit}")
-        self.limit, self.pending, self.run = limit, [], []
-
-    def add(self, step: int, metrics: dict) -> None:
-        if "nonfinite" in metrics:
-            self.pending.append((step, True, metrics["nonfinite"]))
-        elif "loss" in metrics:
-            self.pending.append((step, False, metrics["loss"]))
-
-    def check(self) -> str | None:
-        """``None``, or why the run must stop now."""
-        values = jax.device_get([v for _, _, v in self.pending])
-        pending, self.pending = self.pending, []
-        for (step, guarded, _), value in zip(pending, values):
-            bad = float(np.max(value)) > 0 if guarded else not np.all(np.isfinite(value))
-            if not bad:
-                self.run = []
-                continue
-            self.run.append(step)
-            if not guarded:
-                return (f"step {step} gave a non-finite loss and this train_step has no "
-                        "non-finite guard (jaxfer.make_train_step has one), so its state may "
-                        "hold NaN: stopped without saving it")
-            if len(self.run) > self.limit:
-                steps = f"steps {self.run[0]} to {step}" if len(self.run) > 1 else f"step {step}"
-                return (f"non-finite loss, gradients or model state at {steps} ({len(self.run)} "
-                        f"in a row, more than max_nonfinite_skips={self.limit}); each was "
-                        f"skipped, so the parameters are those after step {self.run[0] - 1}. "
-                        "Lower the learning rate, clip gradients, or check the data for "
-                        "inf/NaN inputs and labels outside [0, num_classes)")
-            logger.warning("step %d: non-finite loss, gradients or model state; update skipped "
-                           "(%d in a row, at most %d)", step, len(self.run), self.limit)
-        return None
-
-
 def _check_labels(batch: Batch, num_classes: int, step: int) -> None:
     """Class ids of a host batch in ``[0, num_classes)`` (``-100``: ignored), else a DataError."""
     labels = batch.get("label")
@@ -259,7 +216,7 @@ class _EarlyStopping:
             raise KeyError(f"best_metric {self.metric!r} is not among the eval metrics "
                            f"{sorted(scalars(report))}")
         value = float(report[self.metric])
-        better = _finite_report(report) and (  # a non-finite evaluation is never the best
+        better = finite_report(report) and (  # a non-finite evaluation is never the best
             self.best is None or (value > self.best if self.mode == "max" else value < self.best))
         if better:
             self.best, self.best_step, self.bad = value, step, 0
@@ -405,7 +362,7 @@ def fit(
         if checkpointer is not None and not own_checkpointer:
             cleanup.callback(checkpointer.wait)
         stopper = _EarlyStopping(best_metric, best_mode, patience, saved.get("early_stopping"))
-        watch = _NonFiniteWatch(max_nonfinite_skips)
+        watch = NonFiniteWatch(max_nonfinite_skips)
 
         def stop_if_nonfinite(step: int) -> None:
             why = watch.check()
