@@ -21,7 +21,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jaxfer import config as config_lib
@@ -196,6 +196,7 @@ def test_msgpack_trees_of_any_shape():
 
     @FUZZ
     @given(obj=trees)
+    @example(obj={"": None, 0: None})  # found by this test: a non-string key crashed the reader
     def check(obj):
         payload = msgpack.packb(obj, use_bin_type=True, strict_types=False)
         with tempfile.TemporaryDirectory() as d, watchdog("weights/msgpack-tree"):
