@@ -27,12 +27,12 @@ def _count(x: Any) -> bool:
 
 def head(task: str, num_classes: Any) -> None:
     """``task`` is a known kind and ``num_classes`` fits it."""
-    from jaxfer.tasks import KINDS, SEQUENCE_KINDS
+    from jaxfer.tasks import FRAME_KINDS, KINDS, SEQUENCE_KINDS
 
     if task in SEQUENCE_KINDS:  # the model's own LM head: num_classes plays no part
         return
-    if task not in KINDS:
-        raise ConfigError(f"task must be one of {KINDS + SEQUENCE_KINDS}, got {task!r}")
+    if task not in KINDS + FRAME_KINDS:
+        raise ConfigError(f"task must be one of {KINDS + SEQUENCE_KINDS + FRAME_KINDS}, got {task!r}")
     least = 2 if task == "classification" else 1
     if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) \
             or num_classes < least:
