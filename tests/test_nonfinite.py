@@ -79,6 +79,18 @@ def test_step_skips_a_nonfinite_update_keeping_params_opt_and_batch_stats():
     assert not all_finite(host(unguarded.model_state)) or not all_finite(host(unguarded.params))
 
 
+def test_guard_catches_an_optimizer_state_that_overflows_while_the_gradient_is_finite():
+    """A gradient of 1e20 is finite, its square in Adam's second moment is not (float32)."""
+    params = {"w": jnp.ones((2,), jnp.float32)}
+    tx = optax.adam(1e-3)
+    state = TrainState.create(params, tx, rng=0)
+    apply_fn = lambda variables, batch, train=False, rng=None: ({"out": variables["params"]["w"]}, {})
+    loss_fn = lambda outputs, batch: (1e20 * outputs["out"].sum(keepdims=True), jnp.ones((1,)))
+    after, metrics = make_train_step(apply_fn, loss_fn, tx, donate=False)(state, {"x": np.zeros((1, 2))})
+    assert float(metrics["nonfinite"]) == 1.0 and np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, host(after.opt_state), host(state.opt_state))
+
+
 def test_guard_also_holds_under_micro_batches():
     state, step, _ = make(micro_batches=2)
     bad = {**data(8, bad=[6]), "mask": np.ones(8, np.float32)}
