@@ -4,6 +4,8 @@
 import json
 import math
 import os
+import socket
+import time
 
 import pytest
 
@@ -77,7 +79,7 @@ def test_data_label_names_that_do_not_fit_the_head_stop_before_training(stand_in
     assert not (run / "checkpoints").exists() or not os.listdir(run / "checkpoints")
 
 
-@pytest.mark.parametrize("problem", ["model_type", "data_path", "label_column", "data_kind"])
+@pytest.mark.parametrize("problem", ["model_type", "data_path", "label_column", "data_kind", "workdir_in_use"])
 def test_user_errors_end_in_one_message_and_debug_keeps_the_traceback(stand_in, tmp_path, problem):
     from jaxfer.errors import JaxferError
 
@@ -95,9 +97,17 @@ def test_user_errors_end_in_one_message_and_debug_keeps_the_traceback(stand_in, 
     elif problem == "label_column":
         args.append("--config.data.label=mood")
         expected = "tweets.csv: no column(s) ['mood']; the columns are ['sentiment', 'confidence', 'text']"
-    else:
+    elif problem == "data_kind":
         args.append("--config.data.kind=parquet")
         expected = "unknown data.kind 'parquet'"
+    else:  # a live process (this one's parent) holds the workdir
+        from jaxfer import workdir as workdir_lib
+
+        (tmp_path / "run").mkdir()
+        owner = {"host": socket.gethostname(), "pid": os.getppid(),
+                 "start": workdir_lib._process_start(os.getppid()), "heartbeat": time.time()}
+        (tmp_path / "run" / workdir_lib.LOCK_FILE).write_text(json.dumps(owner))
+        expected = f"pid {os.getppid()}"
     msg = exit_message(["train", *args, *SHORT])
     assert msg.startswith("jaxfer train: ") and expected in msg and "\n" not in msg
     with pytest.raises(JaxferError, match=expected.replace("(", r"\(").replace(")", r"\)")

@@ -63,3 +63,19 @@ def test_readme_transfer_block_continues_the_tour():
     np.testing.assert_array_equal(batch["domain"], [0] * 4 + [1] * 4)
     assert (batch["label"][4:] == -100).all() and (batch["label"][:4] >= 0).all()
     assert sorted(namespace["mt_model"].params["classifier"]) == ["score", "sentiment"]
+
+
+def test_reliability_table_names_tests_that_exist():
+    """Each ``test_x.py::name`` (or ``::name`` after one) the Reliability table cites is a test."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    cited, current = [], None
+    for ref in re.findall(r"`((?:test_\w+\.py)?::\w+|test_\w+\.py)`", section):
+        module, _, name = ref.partition("::")
+        current = module or current
+        if name:
+            cited.append((current, name))
+    assert len(cited) >= 30
+    for module, name in cited:
+        source = open(os.path.join(ROOT, "tests", module)).read()
+        assert re.search(rf"^def {name}\(", source, flags=re.M), f"README cites {module}::{name}, not a test"

@@ -88,6 +88,29 @@ def test_regression_target_that_is_not_a_number_names_the_line(tmp_path):
         data.read_jsonl(path, task="regression")
 
 
+def test_multitask_columns_follow_their_rows(tmp_path):
+    """Each task's column is read by row number: a row skipped for lack of its own label (or
+    text) never shifts another task's labels; a task without a label there holds -100 / NaN."""
+    import ml_collections
+
+    from jaxfer import objective
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,sentiment,confidence\na,pos,0.5\n,neg,0.1\nc,,0.9\nd,neg,\ne,pos,0.2\n")
+    cfg = ml_collections.ConfigDict({
+        "data": {"kind": "csv", "path": str(path), "text": "text"},
+        "multitask": {"tasks": (("sentiment", "classification", 2, 1.0, ("neg", "pos")),
+                                ("confidence", "regression", 1))}})
+    src = data.read_csv(path, label="sentiment", label_names=("neg", "pos"))  # rows a, d, e
+    src = objective.with_task_columns(cfg, src, data.read_csv)
+    assert src.columns["id"].tolist() == [0, 3, 4]
+    assert src.columns["sentiment"].tolist() == [1, 0, 1]
+    np.testing.assert_array_equal(src.columns["confidence"], np.float32([0.5, np.nan, 0.2]))
+    src = data.read_csv(path, label="confidence", task="regression")  # rows a, c, e
+    src = objective.with_task_columns(cfg, src, data.read_csv)
+    assert src.columns["sentiment"].tolist() == [1, -100, 1]
+
+
 def test_unknown_source_kind_lists_the_kinds():
     with pytest.raises(ConfigError, match=r"unknown data.kind 'parquet'.*'csv'"):
         data.make_source("parquet", path="x")
