@@ -228,21 +228,20 @@ def _run(args, cfg) -> int:
 
 
 def _rank(args, cfg) -> None:
+    from jaxfer import workdir as workdir_lib
     from jaxfer.train import checkpoint
     from jaxfer.transfer import rank
 
     if not args.candidates:
         raise SystemExit("jaxfer rank: give --candidates SRC [SRC ...] (e.g. recipe recipe:scratch recipe:layers=2)")
-    if args.workdir:
-        os.makedirs(args.workdir, exist_ok=True)
-    cache = os.path.join(args.workdir, "features") if args.workdir else rank.default_cache_dir()
+    local = args.workdir and workdir_lib.is_local(args.workdir)  # features: a local cache only
+    cache = os.path.join(args.workdir, "features") if local else rank.default_cache_dir()
     result = rank.rank(cfg, args.candidates, finetune_steps=args.finetune_steps,
                        max_examples=args.max_examples, cache_dir=cache,
                        log=lambda line: print(line, flush=True))
     print(rank.format_table(result, args.finetune_steps))
     if args.workdir:
-        with open(os.path.join(args.workdir, "rank.json"), "w") as f:
-            json.dump(checkpoint.to_jsonable(result), f, indent=1)
+        workdir_lib.write_json(workdir_lib.path(args.workdir) / "rank.json", checkpoint.to_jsonable(result))
 
 
 def _need_workdir(args) -> None:
