@@ -357,6 +357,7 @@ def fit(
     best_mode: str = "max",
     patience: int = 0,
     max_nonfinite_skips: int = 5,
+    max_seconds: float | None = None,
     config: Any = None,
     shard_batch: Callable[[Batch], Batch] | None = None,
     progress: bool = True,
@@ -394,6 +395,10 @@ def fit(
         the steps (0: stop at the first). Checked when metrics are fetched (every
         ``log_every`` steps, before evaluations and checkpoints), so the loop
         never waits on every step; skipped steps leave the state finite.
+      max_seconds: a time budget: once this many seconds have passed since
+        ``fit`` started, the step that ends is evaluated and checkpointed and
+        training stops there (a ``"stop"`` record with reason ``"time_budget"``
+        says so); ``None`` or 0: no budget. Run again to continue.
       config: saved as ``workdir/config.json`` and with each checkpoint.
       shard_batch: host batch -> device batch (e.g. ``jaxfer.train.parallel.shard_batch``).
       progress: a tqdm bar on process 0.
@@ -441,6 +446,7 @@ def fit(
     bar = tqdm(total=steps, initial=min(start, steps), unit="step", dynamic_ncols=True,
                disable=not (progress and _is_main()))
     window, window_examples, window_start = [], 0, time.perf_counter()
+    started = window_start
     step, last_eval, stop = start, None, False
     try:
         while step < steps and not stop:
@@ -457,7 +463,8 @@ def fit(
             watch.add(step, step_metrics)
             bar.update(1)
             records: list[dict] = []
-            if step % log_every == 0 or step == steps:
+            out_of_time = bool(max_seconds) and time.perf_counter() - started >= max_seconds
+            if step % log_every == 0 or step == steps or out_of_time:
                 jax.block_until_ready(step_metrics)  # time the computation, not its dispatch
                 stop_if_nonfinite(step)
                 now = time.perf_counter()
@@ -468,7 +475,7 @@ def fit(
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "examples_per_sec")
                                  if k in record}, refresh=False)
             eval_report = None
-            if can_eval and ((eval_every and step % eval_every == 0) or step == steps):
+            if can_eval and ((eval_every and step % eval_every == 0) or step == steps or out_of_time):
                 stop_if_nonfinite(step)
                 eval_report = evaluate(state, eval_step, eval_batches, task=task,
                                        label_names=label_names, shard_batch=shard_batch,
@@ -482,7 +489,8 @@ def fit(
                     f"{k} {v:.4g}" for k, v in _scalars(eval_report).items() if k != "num_examples"))
                 window_start = time.perf_counter()  # keep eval time out of examples/s
             if checkpointer is not None and (
-                    (checkpoint_every and step % checkpoint_every == 0) or step == steps or stop):
+                    (checkpoint_every and step % checkpoint_every == 0) or step == steps or stop
+                    or out_of_time):
                 stop_if_nonfinite(step)
                 checkpointer.save(step, state, config=config, metrics=eval_report, data_state={
                     "iterator": data_state, "early_stopping": stopper.state()})
@@ -491,6 +499,13 @@ def fit(
                           "best_step": stopper.best_step, best_metric: stopper.best}
                 log.write(record)
                 records.append(record)
+            if out_of_time and not stop and step < steps:
+                stop = True
+                record = {"step": step, "split": "stop", "reason": "time_budget", "max_seconds": max_seconds}
+                log.write(record)
+                records.append(record)
+                logger.info("time budget of %g s spent: stopped at step %d of %d (checkpointed)",
+                            max_seconds, step, steps)
             for hook in hooks:
                 hook(step, state, records)
         if step > start and step < steps and not stop:  # data ran out: finish cleanly
