@@ -147,11 +147,33 @@ def verdict(rows: list[dict]) -> list[str]:
     return lines
 
 
+BEGIN, END = "<!-- quickstart-table:begin", "<!-- quickstart-table:end -->"
+
+
+def write_readme(rows: list[dict], stamp: str, verdicts: list[str], command: str,
+                 path: str = os.path.join(ROOT, "README.md")) -> None:
+    """Replace the README's table between its markers with this run's (only complete runs:
+    every row, the PyTorch one included, finished without an error)."""
+    if any("error" in r for r in rows) or not any(r["name"] == "pytorch" for r in rows):
+        raise SystemExit("not writing the README: a row failed or the PyTorch row is missing")
+    text = open(path).read()
+    lo, hi = text.index(BEGIN), text.index(END)
+    lo = text.index("\n", lo) + 1
+    body = (f"{table(rows)}\n\n{stamp}; `{command}`. Against the PyTorch row (issue 9's bar: at least its "
+            f"test macro-F1 and 0.789, in at most half its wall time and 800 s):\n\n"
+            + "\n".join(f"* {v}" for v in verdicts) + "\n")
+    with open(path, "w") as f:
+        f.write(text[:lo] + body + text[hi:])
+    print(f"wrote the table into {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="workdirs, table.md and results.json go here")
     p.add_argument("--only", nargs="*", default=None, help="row names (default: all)")
     p.add_argument("--torch", action="store_true", help="also run the PyTorch baseline (first)")
+    p.add_argument("--write_readme", action="store_true",
+                   help="put the table into README.md between its markers (a complete run only)")
     p.add_argument("--torch_args", default="", help="arguments for torch_minilm_tweets.py, e.g. '--limit 256'")
     p.add_argument("extra", nargs="*", help="after --: overrides for every jaxfer row")
     args = p.parse_args()
@@ -178,6 +200,8 @@ def main() -> None:
     with open(os.path.join(args.out, "table.md"), "a") as f:
         f.write("".join(f"\n    {v}" for v in verdicts) + "\n")
     print(f"\n{stamp}\n{table(rows)}\n" + "\n".join(verdicts))
+    if args.write_readme:
+        write_readme(rows, stamp, verdicts, "python benchmarks/quickstart_table.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
