@@ -9,11 +9,12 @@ logged training windows after the first, which holds the compile; for cached
 runs this is the step on the cache). With ``--torch`` the PyTorch way
 (``benchmarks/torch_minilm_tweets.py``) runs first, as the baseline row.
 
-    python benchmarks/quickstart_table.py --out benchmarks/results/quickstart --torch   # all rows, ~1.5 h
+    python benchmarks/quickstart_table.py --out runs/quickstart_table --torch --write_readme   # all rows, ~2 h
     python benchmarks/quickstart_table.py --out /tmp/q --only probe top2                 # some rows
     python benchmarks/quickstart_table.py --out /tmp/q --only top2 -- --config.train.steps=20   # extra overrides
-    python benchmarks/quickstart_table.py --out /tmp/q --torch --torch_args="--limit 256" \
-        -- --config.data.path=/tmp/small.csv                                                 # a quick check
+    python benchmarks/quickstart_table.py --out /tmp/q --only probe fast --torch \
+        --torch_args="--data /tmp/small.csv --eval_every 5" \
+        -- --config.data.path=/tmp/small.csv --config.optim.warmup_steps=5                 # a quick check
 
 Prints a Markdown table and writes it (``table.md``) and the numbers
 (``results.json``) under ``--out``.
@@ -113,7 +114,7 @@ def table(rows: list[dict]) -> str:
     what["pytorch"] = "everything (transformers + torch, pad to longest, 1 epoch)"
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | {what.get(r['name'], '')} | failed: {r['error']} | | | | |")
+            lines.append(f"| `{r['name']}` | {what.get(r['name'], '')} | failed: {r['error']} | | | | |")
             continue
         ms = f"{r['ms_per_step']:.0f}" if r.get("ms_per_step") else "—"
         params = f"{r['trainable_params']:,}" if r.get("trainable_params") else "—"
@@ -141,7 +142,7 @@ def verdict(rows: list[dict]) -> list[str]:
         reached = next((c for c in torch.get("curve", []) if c["val_macro_f1"] >= r["test_macro_f1"]), None)
         when = (f"PyTorch's validation macro-F1 first reached {r['test_macro_f1']:.4f} at {reached['seconds']:.0f} s"
                 if reached else f"PyTorch's validation macro-F1 never reached {r['test_macro_f1']:.4f}")
-        lines.append(f"{'BEATS' if ok else 'no   '} {r['name']}: macro-F1 {r['test_macro_f1']:.4f} vs "
+        lines.append(f"`{r['name']}` {'beats it' if ok else 'does not'}: macro-F1 {r['test_macro_f1']:.4f} vs "
                      f"{torch['test_macro_f1']:.4f}, {r['wall_seconds']:.0f} s vs {torch['wall_seconds']:.0f} s "
                      f"({r['wall_seconds'] / torch['wall_seconds']:.2f}x); {when}")
     return lines
