@@ -23,7 +23,8 @@ What ``trainable`` (a bool tree shaped like the params) does in the train step:
   whose parameters are all frozen is off (``frozen_dropout=False`` keeps it).
 
 The non-finite guard (``skip_nonfinite=True``, the default): when the loss, a
-gradient, an update or the new model state (batch statistics) is not finite,
+gradient, an update, the new optimizer state (Adam's second moment overflows
+while the gradient is still finite) or the new model state (batch statistics) is not finite,
 the step keeps the old params, optimizer state and model state (bit-identical;
 the batch is still consumed: ``step`` and ``rng`` advance) and reports
 ``metrics["nonfinite"] = 1``. :func:`jaxfer.train.loop.fit` stops the run after
@@ -379,7 +380,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
         updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
         trainable_updates, _ = tree.partition(updates, mask)
         new_trainable = optax.apply_updates(trainable_params, trainable_updates)
-        finite = _all_finite((loss_sum, grads, trainable_updates, model_state))
+        finite = _all_finite((loss_sum, grads, trainable_updates, opt_state, model_state))
         if skip_nonfinite:  # keep the old values; frozen leaves are untouched either way
             new_trainable, opt_state, model_state = _where(
                 finite, (new_trainable, opt_state, model_state),
