@@ -55,6 +55,26 @@ def interleave(runners: Sequence[Runner], *, warmup: int, steps: int) -> None:
         r.seconds, r.cpu_seconds = statistics.median(w), statistics.median(c)
 
 
+def compiled_step(step: Callable, state: Any, batch: Any) -> tuple[Callable[[], None], dict]:
+    """Compile a jitted ``step(state, batch) -> (state, metrics)`` ahead of time: a
+    ``run()`` doing one step (the state carried from call to call, waited for) and
+    ``{"compile_s", "flops"}`` (XLA's cost analysis; NaN where it has none)."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    holder = {"state": state}
+
+    def run() -> None:
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    return run, {"compile_s": compile_s, "flops": float(cost.get("flops", float("nan")))}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (MB)."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -75,23 +75,11 @@ def jax_step(case: families.Case, mode: str, dtype: str = "float32") -> harness.
     state = TrainState.create(params, tx, rng=0, model_state=model_state)
     kwargs = {"compute_dtype": jnp.dtype(dtype)} if dtype != "float32" else {}
     step = make_train_step(apply_fn, losses.softmax_cross_entropy(), tx, trainable, **kwargs)
-    batch = jax.device_put(batch)
-    t0 = harness.time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = harness.time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    holder = {"state": state}
-
-    def run():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
+    run, info = harness.compiled_step(step, state, jax.device_put(batch))
     n_trainable = sum(int(np.size(x)) for x, t in zip(jax.tree_util.tree_leaves(params),
                                                       jax.tree_util.tree_leaves(trainable)) if t)
     return harness.Runner(f"jax {case.name} {mode}", run, info={
-        "flops": float(cost.get("flops", float("nan"))), "compile_s": compile_s,
-        "opt_bytes": tree.nbytes(state.opt_state), "trainable": n_trainable})
+        **info, "opt_bytes": tree.nbytes(state.opt_state), "trainable": n_trainable})
 
 
 # -------------------------------------------------------------------- torch
