@@ -33,8 +33,7 @@ import os
 # the jax step that runs next in this process (the steps are interleaved)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
-import statistics
-import time
+import sys
 
 import jax
 import numpy as np
@@ -44,6 +43,9 @@ from jaxfer import tree
 from jaxfer.models.bert import BertModel
 from jaxfer.models.heads import Classifier, TaskModel
 from jaxfer.train import TrainState, linen_apply, losses, make_train_step
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 SETTINGS = ("full", "frozen-half", "head-only")
 
@@ -73,24 +75,6 @@ def make_batch(args) -> dict:
             "mask": np.ones(args.batch, np.float32)}
 
 
-def time_interleaved(runners: list, warmup: int, steps: int) -> list[float]:
-    """Median seconds per call of each runner, calls alternating between runners.
-
-    Alternating makes a busy machine (other processes on the same cores) slow
-    every runner alike, so the ratios stay meaningful even when absolute times move.
-    """
-    for _ in range(warmup):
-        for run_one in runners:
-            run_one()
-    times: list[list[float]] = [[] for _ in runners]
-    for _ in range(steps):
-        for run_one, out in zip(runners, times):
-            t0 = time.perf_counter()
-            run_one()
-            out.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
 # ---------------------------------------------------------------------- jax
 def bench_jax(setting: str, args, batch: dict) -> dict:
     model = TaskModel(BertModel(bert_config(args)), Classifier(args.classes, pooling="pooler", dropout_rate=0.1))
@@ -102,20 +86,8 @@ def bench_jax(setting: str, args, batch: dict) -> dict:
     tx = optax.partition({"train": optax.adamw(3e-5, weight_decay=0.01), "frozen": optax.set_to_zero()}, labels)
     state = TrainState.create(params, tx, rng=0)
     step = make_train_step(linen_apply(model), losses.softmax_cross_entropy(), tx, trainable)
-    batch = jax.device_put(batch)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    holder = {"state": state}
-
-    def run_one():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(metrics)
-
-    return {"flops": float(cost["flops"]), "run_one": run_one, "compile_s": compile_s,
-            "opt_bytes": tree.nbytes(state.opt_state),
+    run_one, info = harness.compiled_step(step, state, jax.device_put(batch))
+    return {**info, "run_one": run_one, "opt_bytes": tree.nbytes(state.opt_state),
             "trainable": sum(np.size(x) for x, t in zip(jax.tree_util.tree_leaves(params),
                                                         jax.tree_util.tree_leaves(trainable)) if t)}
 
@@ -188,8 +160,10 @@ def main(argv=None) -> None:
         rows[setting] = (bench_jax(setting, args, batch), None if args.no_torch else bench_torch(setting, args, batch))
     # every step of every setting and framework interleaved: a busy machine slows them all alike
     runs = [r for pair in rows.values() for r in pair if r is not None]
-    for r, seconds in zip(runs, time_interleaved([r["run_one"] for r in runs], args.warmup, args.steps)):
-        r["seconds"] = seconds
+    runners = [harness.Runner(str(i), r["run_one"]) for i, r in enumerate(runs)]
+    harness.interleave(runners, warmup=args.warmup, steps=args.steps)
+    for r, runner in zip(runs, runners):
+        r["seconds"] = runner.seconds
     print(header)
     print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
     for setting, (j, t) in rows.items():

@@ -88,6 +88,8 @@ def get_config(arg: str = "top"):
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 150  # 2.8 epochs of the 1,704 training cells
+    c.train.epochs = 0.0  # or passes over the training data (with train.steps = 0)
+    c.train.max_seconds = 0.0  # time budget: stop at a checkpoint after this long (0: none)
     c.train.eval_every = 50
     c.train.log_every = 10
     c.train.checkpoint_every = 50

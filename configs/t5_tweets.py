@@ -94,6 +94,8 @@ def get_config(arg: str = "small"):
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 3000
+    c.train.epochs = 0.0  # or passes over the training data (with train.steps = 0)
+    c.train.max_seconds = 0.0  # time budget: stop at a checkpoint after this long (0: none)
     c.train.eval_every = 500
     c.train.log_every = 50
     c.train.checkpoint_every = 500

@@ -60,6 +60,8 @@ def get_config(arg: str = "full"):
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 2000
+    c.train.epochs = 0.0
+    c.train.max_seconds = 0.0
     c.train.eval_every = 500
     c.train.log_every = 50
     c.train.checkpoint_every = 500

@@ -98,6 +98,8 @@ def get_config(arg: str = "a"):
     c.train = ml_collections.ConfigDict()
     steps = 10 if tiny else 300 if voice_b else 900  # B: 24 clips, 100 epochs
     c.train.steps = steps
+    c.train.epochs = 0.0  # or passes over the training data (with train.steps = 0)
+    c.train.max_seconds = 0.0  # time budget: stop at a checkpoint after this long (0: none)
     c.train.eval_every = steps if tiny else 100
     c.train.log_every = 5 if tiny else 50
     c.train.checkpoint_every = c.train.eval_every

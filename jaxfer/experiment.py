@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -22,15 +23,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, plots, tasks, validate
+from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, plots, tasks, tree, validate
 from jaxfer import workdir as workdir_lib
 from jaxfer import data as data_lib
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
-from jaxfer.train import loop, losses, parallel, step as step_lib
+from jaxfer.train import loop, losses, parallel, runlog, step as step_lib
 from jaxfer.train.state import TrainState, cast_frozen
+from jaxfer.transfer import caching
 from jaxfer.transfer import peft as peft_lib
-from jaxfer.weights.load import Model, init_model, load as load_weights
+from jaxfer.transfer import phases as phases_lib
+from jaxfer.transfer import probe as probe_lib
+from jaxfer.weights.load import HEAD_NAME, Model, init_model, load as load_weights
 
 # ------------------------------------------------------------------- model
 def head_for(cfg):
@@ -267,9 +271,42 @@ def build_peft(cfg, model: Model) -> peft_lib.Peft:
                                 pooling=getattr(head, "pooling", None) or model.family.default_pooling)
 
 
-def build_optimizer(cfg, model: Model, regularizer=None):
+def train_steps(cfg, data: Data | None = None) -> int:
+    """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` passes over the
+    training data (the schedule is sized to it). Without data, ``train.steps`` or 1."""
+    t = cfg.train
+    steps, epochs = int(t.steps or 0), float(t.get("epochs", 0) or 0)
+    if steps and epochs:
+        raise ValueError(f"give train.steps ({steps}) or train.epochs ({epochs:g}), not both: set the "
+                         "other to 0")
+    if steps < 0 or epochs < 0:
+        raise ValueError("train.steps and train.epochs must be >= 0")
+    if not epochs:
+        if data is not None and not steps:
+            raise ValueError("the run has no length: set train.steps or train.epochs")
+        return steps or 1
+    if data is None:
+        return 1  # only a restore template: the schedule's length does not matter
+    it = getattr(data.train, "iterator", data.train)
+    if not hasattr(it, "steps_per_epoch"):
+        raise ValueError(f"train.epochs needs a training iterator with a known epoch length; this run's "
+                         f"({type(it).__name__}) has none: give train.steps")
+    return max(1, round(epochs * it.steps_per_epoch))
+
+
+TRANSFER_DEFAULTS = {"frozen_dropout": True, "cache": "auto", "cache_dir": "", "probe": "",
+                     "probe_l2": (1e-4, 1e-3, 1e-2, 1e-1, 1.0), "phases": (), "unfreeze_every": 0}
+
+
+def transfer_config(cfg) -> dict[str, Any]:
+    """``cfg.transfer`` over the defaults (recipes without the section get the defaults)."""
+    section = cfg.get("transfer") or {}
+    return {**TRANSFER_DEFAULTS, **(section.to_dict() if hasattr(section, "to_dict") else dict(section))}
+
+
+def build_optimizer(cfg, model: Model, total_steps: int | None = None, regularizer=None):
     num_layers = model.family.num_layers(model.config)
-    return optim.from_config(cfg.optim, _rules(cfg), total_steps=cfg.train.steps,
+    return optim.from_config(cfg.optim, _rules(cfg), total_steps=total_steps or train_steps(cfg),
                              num_layers=num_layers,
                              layer_pattern=model.family.layer_pattern_for(model.config),
                              regularizer=regularizer)
@@ -305,6 +342,9 @@ class Run:
     trainable: Any
     strategy: Any
     peft: peft_lib.Peft | None = None
+    steps: int = 0                          # optimizer steps of the whole run
+    cache: caching.Cached | None = None     # what the run computed once (transfer.cache)
+    cache_message: str = ""
 
 
 def compilation_cache(path: str | None) -> None:
@@ -319,7 +359,9 @@ def _dtype(name: str | None):
     return jax.numpy.dtype(name) if name else None
 
 
-def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
+def setup(cfg, workdir: str | None, *, with_data: bool = True, cache: bool = False) -> Run:
+    """Build a run; with ``cache`` (training), compute the frozen part once when that is
+    exact (``transfer.cache``, see :mod:`jaxfer.transfer.caching`)."""
     compilation_cache(cfg.train.get("compilation_cache"))
     validate.config(cfg)  # every bad value named at once, before anything loads
     mesh = parallel.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
@@ -331,8 +373,23 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
         model = initialised_from(model, cfg.model.init_from)
     peft = build_peft(cfg, model)  # bad transfer.* rules fail here, before data loads
     trainable = trainable_mask(cfg, peft.params)  # bad rules fail here, before data loads
-    tx, schedule = build_optimizer(cfg, model, peft.regularizer)
-    data = build_data(cfg, model, cache_dir=token_cache(workdir)) if with_data else None
+    tcfg = transfer_config(cfg)
+    if tcfg["probe"] and tcfg["probe"] not in probe_lib.SOLVERS:
+        raise ValueError(f"transfer.probe={tcfg['probe']!r}: choose one of {probe_lib.SOLVERS} or '' (none)")
+    if tcfg["probe"] and (why := _cache_blocked(cfg)):
+        raise ValueError(f"transfer.probe={tcfg['probe']!r} fits a linear head on cached features, which "
+                         f"this recipe cannot use: {why}; set transfer.probe=''")
+    data = build_data(cfg, model, cache_dir=token_cache(workdir)) \
+        if with_data else None
+    steps = train_steps(cfg, data)
+    phases = build_phases(cfg, model, steps)
+    if phases:
+        phase_masks = [masks.trainable_mask(peft.params, p.rules, strict=False) for p in phases]
+        trainable = phases_lib.union_trainable(phase_masks)  # what the checkpoints and the cache see
+        optimizers = [_phase_optimizer(cfg, model, p, steps, peft.regularizer) for p in phases]
+        tx, schedule = optimizers[0]
+    else:
+        tx, schedule = build_optimizer(cfg, model, steps, peft.regularizer)
     params = peft.params
     if cfg.train.get("frozen_dtype"):  # frozen leaves pass through the step: store them smaller
         params = cast_frozen(params, trainable, _dtype(cfg.train.frozen_dtype))
@@ -341,15 +398,105 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True) -> Run:
     loss_fn, eval_loss_fn = objective.loss_fns(cfg)
     compute_dtype = _dtype(cfg.train.get("compute_dtype"))
     apply_fn = peft.apply_fn(step_lib.model_apply(model))
+    cached, message = None, ""
+    blocked = _cache_blocked(cfg) if cache and data is not None else None
+    if blocked:
+        message = f"cache: not used ({blocked})"
+    elif cache and data is not None:
+        cached, message = caching.prepare(
+            apply_fn, {"params": params, **model.state}, trainable, train=data.train,
+            validation=data.validation, test=data.test, head=model.module.head if hasattr(model.module, "head")
+            else None, layer_pattern=model.family.layer_pattern_for(model.config), head_name=HEAD_NAME,
+            directory=_cache_dir(cfg, workdir), frozen_dropout=tcfg["frozen_dropout"], mode=tcfg["cache"],
+            config=[_config_json(model.config), cfg.model.to_dict(), list(peft.methods)],
+            multi_process=jax.process_count() > 1,
+            eager=bool(tcfg["probe"]) and not phases and caching.head_only(trainable, HEAD_NAME))
+        if cached is not None:
+            apply_fn = cached.apply_fn
+            data = dataclasses.replace(data, train=cached.train, validation=cached.validation, test=cached.test)
     state = strategy.place_state(state)
-    train_step = strategy.train_step(apply_fn, peft.train_loss(loss_fn), tx, trainable,
-                                     micro_batches=cfg.optim.get("accumulate", 1) or 1,
-                                     lr_schedule=schedule, compute_dtype=compute_dtype)
+    kw = {"micro_batches": cfg.optim.get("accumulate", 1) or 1, "frozen_dropout": tcfg["frozen_dropout"],
+          "adapted": _adapted(peft), "compute_dtype": compute_dtype}
+    train_loss = peft.train_loss(loss_fn)
+    if phases:
+        train_step = _phased_step(strategy, state, phases, optimizers, phase_masks, apply_fn, train_loss, kw)
+    else:
+        train_step = strategy.train_step(apply_fn, train_loss, tx, trainable, lr_schedule=schedule, **kw)
     eval_step = strategy.eval_step(objective.eval_apply(cfg, apply_fn, model), eval_loss_fn,
                                    compute_dtype=compute_dtype, **objective.eval_step_kwargs(cfg))
     ckpt = checkpointer(cfg, workdir, trainable, strategy) if workdir else None
     return Run(cfg, model, data, state, train_step, eval_step, ckpt, strategy.shard_batch,
-               trainable, strategy, peft)
+               trainable, strategy, peft=peft, steps=steps, cache=cached, cache_message=message)
+
+
+def _cache_blocked(cfg) -> str | None:
+    """Why a run computes nothing once whatever its rules (``None``: it may)."""
+    if cfg.train.get("compute_dtype"):
+        return f"train.compute_dtype={cfg.train.compute_dtype!r}: the cache would be float32, the steps not"
+    if tasks.is_sequence(cfg.task) or cfg.task != "classification":
+        return f"the {cfg.task} task trains through the whole model here"
+    if objective.task_list(cfg) is not None:
+        return "several tasks (multitask) share the model"
+    if objective.adapt_method(cfg) != "none" or objective.has_target(cfg):
+        return (f"domain adaptation (adapt.method={objective.adapt_method(cfg)!r}): target-domain batches, "
+                "and a source-domain test beside the target's")
+    return None
+
+
+def _adapted(peft: peft_lib.Peft) -> tuple[str, ...]:
+    """Frozen kernels/modules that train through LoRA factors or adapters (not inference mode)."""
+    paths = tuple(p for p, _ in peft.lora.targets) if peft.lora is not None else ()
+    return paths + (tuple(t[0] for t in peft.adapters.targets) if peft.adapters is not None else ())
+
+
+def _cache_dir(cfg, workdir: str | None) -> str | None:
+    tcfg = transfer_config(cfg)
+    return tcfg["cache_dir"] or token_cache(workdir)  # (a local workdir only, like the tokens)
+
+
+# ------------------------------------------------------------------ phases
+def build_phases(cfg, model: Model, steps: int) -> list[phases_lib.Phase]:
+    """``transfer.phases`` (explicit) or ``transfer.unfreeze_every`` (gradual unfreezing
+    toward ``rules``); ``[]`` for a one-phase run."""
+    tcfg = transfer_config(cfg)
+    if tcfg["phases"] and tcfg["unfreeze_every"]:
+        raise ValueError("give transfer.phases or transfer.unfreeze_every, not both")
+    if tcfg["phases"]:
+        return phases_lib.from_specs([dict(p) for p in tcfg["phases"]], steps, default_lr=cfg.optim.lr)
+    if tcfg["unfreeze_every"]:
+        return phases_lib.unfreezing(_rules(cfg), every=int(tcfg["unfreeze_every"]), total_steps=steps,
+                                     num_layers=model.family.num_layers(model.config),
+                                     layer_pattern=model.family.layer_pattern_for(model.config),
+                                     backbone=model.family.base_model_prefix, lr=cfg.optim.lr)
+    return []
+
+
+def _phase_optimizer(cfg, model: Model, phase: phases_lib.Phase, steps: int, regularizer=None):
+    own = phase.schedule == "phase"
+    return optim.from_config({**cfg.optim.to_dict(), "lr": phase.lr}, phase.rules,
+                             total_steps=phase.steps if own else steps, start_step=phase.start if own else 0,
+                             num_layers=model.family.num_layers(model.config),
+                             layer_pattern=model.family.layer_pattern_for(model.config), strict=False,
+                             regularizer=regularizer)
+
+
+def _phased_step(strategy, state, phases, optimizers, phase_masks, apply_fn, loss_fn, kw):
+    """One compiled step per phase (each with its optimizer state's shardings)."""
+    if not isinstance(strategy, parallel.JitStrategy) or jax.process_count() > 1:
+        raise ValueError("training phases run with mesh.strategy='jit' in one process")
+    steps, places = [], []
+    for (tx, schedule), mask in zip(optimizers, phase_masks):
+        template = state.replace(opt_state=jax.eval_shape(tx.init, state.params))
+        sharding = parallel.state_shardings(template, strategy.mesh, strategy.rules,
+                                            min_fsdp_size=strategy.min_fsdp_size)
+        strategy.state_sharding = sharding  # read by train_step when it compiles this phase
+        steps.append(strategy.train_step(apply_fn, loss_fn, tx, mask, lr_schedule=schedule, **kw))
+        places.append(lambda s, sharding=sharding: jax.device_put(s, sharding))
+    return phases_lib.PhasedStep(phases, [tx for tx, _ in optimizers], steps, places=places)
+
+
+def _config_json(config) -> Any:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
 def initialised_from(model: Model, workdir: str) -> Model:
@@ -393,7 +540,8 @@ def restore_trained(cfg, workdir: str, *, with_data: bool = True) -> Run:
     if ckpt.latest_step() is None:
         raise checkpoint_lib.CheckpointError(f"no checkpoint in {workdir!r}: train first "
                                              f"(jaxfer train --config ... --workdir {workdir})")
-    state, _, _ = ckpt.restore(run.state, best=ckpt.best_step() is not None)
+    step = ckpt.best_step() if ckpt.best_step() is not None else ckpt.latest_step()
+    state, _, _ = ckpt.restore(restore_template(run, run.state, step), step)
     return dataclasses.replace(run, state=state, checkpointer=ckpt)
 
 
@@ -419,17 +567,30 @@ def train(cfg, workdir: str | None = None, *, progress: bool = True) -> dict[str
 
 def _train(cfg, workdir: str | None, progress: bool) -> dict[str, Any]:
     t0 = time.time()
-    run = setup(cfg, workdir)
+    run = setup(cfg, workdir, cache=True)
     _log(str(run.model.report))
     _log(str(explain(cfg, run.model, depth=4)))  # per layer; `jaxfer inspect` shows every leaf
     for line in run.peft.methods:
         _log(f"transfer: {line}")
-    _log(f"data: {run.data.sizes}")
+    _log(f"data: {run.data.sizes}; {run.steps} steps")
     if workdir and not tasks.is_sequence(cfg.task) and cfg.data.kind != "audio":  # what predict/serve/export need: tokenizer, labels
         deploy.save_spec(workdir, cfg, run.model, run.data.label_names, cfg.task)
+    if run.cache_message:
+        _log(run.cache_message)
     metrics_fn = objective.metrics_fn(cfg, model=run.model, data=run.data)
+    state = run.state
+    latest = run.checkpointer.latest_step() if run.checkpointer is not None else None
+    if transfer_config(cfg)["probe"]:
+        if run.cache is not None and run.cache.kind == "features":
+            return _train_probe(cfg, run, workdir, t0)
+        if latest is None:  # LP-FT: the fine-tuning below starts from a fitted head
+            state = state.replace(params=_set_head(state.params, _fit_head(cfg, run, workdir)))
+    if latest is not None:
+        state = restore_template(run, state, latest)  # its phase's optimizer state
+    budget = float(cfg.train.get("max_seconds", 0) or 0)
     state, history = loop.fit(
-        run.state, run.train_step, run.data.train, steps=cfg.train.steps,
+        state, run.train_step, run.data.train, steps=run.steps,
+        max_seconds=max(budget - (time.time() - t0), 1e-9) if budget else None,
         eval_step=run.eval_step, eval_batches=run.data.validation,
         eval_every=cfg.train.eval_every, task=cfg.task, label_names=run.data.label_names,
         workdir=workdir, checkpointer=run.checkpointer, checkpoint_every=cfg.train.checkpoint_every,
@@ -437,10 +598,16 @@ def _train(cfg, workdir: str | None, progress: bool) -> dict[str, Any]:
         best_mode=cfg.train.get("best_mode", "max"), patience=cfg.train.patience,
         max_nonfinite_skips=cfg.train.get("max_nonfinite_skips", 5),
         strict_resume=cfg.train.get("strict_resume", False), config=cfg.to_dict(),
-        shard_batch=run.shard_batch, progress=progress, metrics_fn=metrics_fn)
+        shard_batch=run.shard_batch, progress=progress, metrics_fn=metrics_fn,
+        hooks=(run.cache.timer(),) if run.cache is not None else ())
     trained_steps = loop.current_step(state)
-    if run.checkpointer is not None and run.checkpointer.best_step() is not None:
-        state, _, _ = run.checkpointer.restore(state, best=True)  # best by validation
+    if run.cache is not None:
+        _log(run.cache.speedup_message())
+    if any(r.get("reason") == "time_budget" for r in history if r.get("split") == "stop"):
+        _log(f"time budget: train.max_seconds={budget:g} s spent at step {trained_steps} of {run.steps}; "
+             "checkpointed there (run again to continue)")
+    if run.checkpointer is not None and (best := run.checkpointer.best_step()) is not None:
+        state, _, _ = run.checkpointer.restore(restore_template(run, state, best), best)  # best by validation
     state = adapted(run, state)
     test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
                          label_names=run.data.label_names, shard_batch=run.shard_batch, metrics_fn=metrics_fn)
@@ -450,6 +617,13 @@ def _train(cfg, workdir: str | None, progress: bool) -> dict[str, Any]:
         result["source_test"] = loop.evaluate(state, run.eval_step, run.data.extra["source_test"],
                                               task=cfg.task, label_names=run.data.label_names,
                                               shard_batch=run.shard_batch)
+    return _finish(cfg, run, workdir, result, state)
+
+
+def _finish(cfg, run: Run, workdir: str | None, result: dict[str, Any], state) -> dict[str, Any]:
+    """Add the baselines, print the result, write ``test_metrics.json`` (and, for images, the
+    figures of the tested ``state``)."""
+    test = result["test"]
     classes = cfg.task == "classification" or run.data.class_targets is not None  # label words: classes too
     if (classes and objective.task_list(cfg) is None
             and run.data.train_labels is not None and run.data.test_labels is not None):
@@ -461,7 +635,7 @@ def _train(cfg, workdir: str | None, progress: bool) -> dict[str, Any]:
         workdir_lib.write_json(workdir_lib.path(workdir) / "test_metrics.json",
                                checkpoint_lib.to_jsonable(result))
         if ("image_size" in run.data.options and "confusion_matrix" in test and objective.task_list(cfg) is None
-                and jax.process_count() == 1):
+                and jax.process_count() == 1 and run.cache is None):  # (a cached eval step needs cached rows)
             write_image_figures(run, state, workdir, test)
     return result
 
@@ -499,6 +673,76 @@ def _png(workdir: str, name: str, draw, *args, **kwargs) -> None:
     buffer = io.BytesIO()
     draw(buffer, *args, **kwargs)
     workdir_lib.write_bytes(workdir_lib.path(workdir) / name, buffer.getvalue())
+
+
+def _set_head(params, head: dict[str, np.ndarray]):
+    """``params`` with the head's kernel and bias replaced (same placement)."""
+    flat = tree.flatten(params)
+    out = dict(flat)
+    for name, value in head.items():
+        paths = [p for p in flat if p.startswith(HEAD_NAME + "/") and p.endswith("/" + name)]
+        if len(paths) != 1:
+            raise ValueError(f"the head needs exactly one {name!r} under {HEAD_NAME!r}; found {paths}")
+        old = flat[paths[0]]
+        if tuple(old.shape) != tuple(value.shape):
+            raise ValueError(f"{paths[0]}: probe gives shape {value.shape}, the head holds {old.shape}")
+        out[paths[0]] = jax.device_put(np.asarray(value, old.dtype), old.sharding)
+    return tree.unflatten(out)
+
+
+def _fit_head(cfg, run: Run, workdir: str | None, feats=None) -> dict[str, np.ndarray]:
+    """The head fitted by ``transfer.probe`` on cached pooled features (computed here when
+    the run has none), ``l2`` chosen on validation; logged."""
+    tcfg = transfer_config(cfg)
+    train, validation = run.data.train, run.data.validation
+    if feats is None:
+        t1 = time.time()
+        feats = caching.head_features(step_lib.model_apply(run.model), run.model.variables, train=train,
+                                      validation=validation,
+                                      head_name=HEAD_NAME, directory=_cache_dir(cfg, workdir),
+                                      config=[_config_json(run.model.config), cfg.model.to_dict()])
+        how = "reused" if all(f.reused for f in feats.values()) else f"computed in {time.time() - t1:.0f} s"
+        _log(f"probe features: the backbone's pooled output for {len(feats['train']):,} train and "
+             f"{len(feats['validation']):,} validation examples ({how})")
+    t1 = time.time()
+    head, l2, scores = caching.fit_probe(tcfg["probe"], feats, train=train, validation=validation,
+                                         num_classes=cfg.model.num_classes, l2_grid=tuple(tcfg["probe_l2"]),
+                                         metric=cfg.train.best_metric)
+    metric = cfg.train.best_metric
+    tried = ", ".join(f"{s['l2']:g}: {s[metric]:.4f}" for s in scores)
+    then = "" if run.cache is not None and run.cache.kind == "features" else "; fine-tuning starts from it (LP-FT)"
+    _log(f"probe: {tcfg['probe']} on cached features, l2 {l2:g} chosen by validation {metric} ({tried}); "
+         f"{time.time() - t1:.1f} s{then}")
+    return head
+
+
+def restore_template(run: Run, state, step: int):
+    """``state`` shaped like a checkpoint of ``step`` (its phase's optimizer state)."""
+    if isinstance(run.train_step, phases_lib.PhasedStep):
+        return run.train_step.template(state, step)
+    return state
+
+
+def _train_probe(cfg, run: Run, workdir: str | None, t0: float) -> dict[str, Any]:
+    """``transfer.probe`` with only the head trainable: the head by a full-batch solver on
+    the cached features, and nothing else."""
+    head = _fit_head(cfg, run, workdir, feats=run.cache.features)
+    state = run.state.replace(params=_set_head(run.state.params, head), step=run.state.step + 1)
+    val = loop.evaluate(state, run.eval_step, run.data.validation, task=cfg.task,
+                        label_names=run.data.label_names, shard_batch=run.shard_batch)
+    if run.checkpointer is not None:
+        run.checkpointer.save(1, state, config=cfg.to_dict(), metrics=val, force=True)
+        run.checkpointer.close()
+    if workdir and jax.process_index() == 0:  # the loop's log files, for one evaluation
+        history = [{"step": 1, "split": "eval", **checkpoint_lib.to_jsonable(val)}]
+        folder = workdir_lib.path(workdir)
+        workdir_lib.write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        workdir_lib.write_json(folder / "config.json", checkpoint_lib.to_jsonable(cfg), indent=2)
+        workdir_lib.write_bytes(folder / "curves.png", runlog.plot_curves(history))
+    test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
+                         label_names=run.data.label_names, shard_batch=run.shard_batch)
+    result = {"test": test, "validation": val, "seconds": time.time() - t0, "steps": 1, "tested_step": 1}
+    return _finish(cfg, run, workdir, result, state)
 
 
 def evaluate(cfg, workdir: str, split: str = "test") -> dict[str, Any]:

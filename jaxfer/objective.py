@@ -105,6 +105,9 @@ def head(cfg):
         return heads.Classifier(num_classes=m.num_classes, task=cfg.task, **common)
     a = cfg.adapt
     micro = cfg.optim.get("accumulate", 1) or 1
+    if not cfg.train.steps:
+        raise ValueError(f"adapt.method={method!r} schedules its gradient reversal over train.steps: give "
+                         "train.steps (not train.epochs)")
     return adapt.DomainClassifier(num_classes=m.num_classes, task=cfg.task, method=method,
                                   hidden=a.get("hidden", 256), total_calls=cfg.train.steps * micro,
                                   seed=cfg.seed, **common)

@@ -52,7 +52,7 @@ def scale_by_path(multiplier: Callable[[str], float]) -> optax.GradientTransform
 
 def build(tx: optax.GradientTransformation, rules: masks.Rules = (("**", 1.0),), *,
           layer_decay: float | None = None, num_layers: int | None = None, layer_pattern: Any = None,
-          clip_norm: float | None = None) -> optax.GradientTransformationExtraArgs:
+          clip_norm: float | None = None, strict: bool = True) -> optax.GradientTransformationExtraArgs:
     """``tx`` restricted to the trainable leaves that ``rules`` name (see module doc).
 
     Args:
@@ -65,6 +65,9 @@ def build(tx: optax.GradientTransformation, rules: masks.Rules = (("**", 1.0),),
       num_layers: ``L``, the number of layers (``Family.num_layers(config)``).
       layer_pattern: where the layer index is in a path (see :func:`masks.layers`).
       clip_norm: clip the trainable gradients to this global norm before ``tx``.
+      strict: rules that match no parameter (or only parameters an earlier rule
+        took) are errors; ``False`` allows them (rules generated for training
+        phases, see :mod:`jaxfer.transfer.phases`).
 
     ``init`` must see the full params tree; ``update`` takes full trees or trees
     with ``None`` at the frozen leaves.
@@ -96,7 +99,7 @@ def build(tx: optax.GradientTransformation, rules: masks.Rules = (("**", 1.0),),
     inner = optax.partition({TRAINABLE: trainable_tx, FROZEN: optax.set_to_zero()}, labels)
 
     def init(params):
-        masks.decide(params, compiled, strict=True)
+        masks.decide(params, compiled, strict=strict)
         for path in tree.paths(params):  # layer ids in range, layer pattern sane
             multiplier(path)
         return inner.init(params)
@@ -210,8 +213,8 @@ OPTIMIZERS: dict[str, Callable] = {"adam": _adam, "adamw": _adamw, "sgd": _sgd, 
 
 def from_config(cfg: Any, rules: masks.Rules = (("**", 1.0),), *, total_steps: int,
                 num_layers: int | None = None, layer_pattern: Any = None,
-                regularizer: optax.GradientTransformation | None = None
-                ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+                regularizer: optax.GradientTransformation | None = None, start_step: int = 0,
+                strict: bool = True) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
     """``(tx, schedule)`` from an optimizer config (a ConfigDict or a dict).
 
     Keys: ``name`` (one of :data:`OPTIMIZERS`), ``lr``, ``schedule`` (default
@@ -221,6 +224,10 @@ def from_config(cfg: Any, rules: masks.Rules = (("**", 1.0),), *, total_steps: i
     ``b1``, ``b2``, ``eps``, ``momentum``, ``nesterov``. ``regularizer`` (e.g.
     ``transfer.regularizers.l2_sp``) adds its gradient before the optimizer, on the
     trainable leaves only.
+
+    ``start_step``: the schedule covers the optimizer's steps ``[start_step,
+    start_step + total_steps)`` (``eta(t - start_step)``, 0 before): a training
+    phase that starts mid-run with the run's step count carried over.
     """
     name = _get(cfg, "name", "adamw")
     if name not in OPTIMIZERS:
@@ -229,10 +236,12 @@ def from_config(cfg: Any, rules: masks.Rules = (("**", 1.0),), *, total_steps: i
         raise ValueError("the optimizer config needs a learning rate: lr")
     sched = schedule(_get(cfg, "schedule", "warmup_cosine"), _get(cfg, "lr"), total_steps,
                      int(_get(cfg, "warmup_steps", 0)), end_factor=_get(cfg, "end_factor", 0.0))
+    if start_step:
+        inner, sched = sched, lambda t: inner(jnp.maximum(jnp.asarray(t, jnp.float32) - start_step, 0.0))
     wd = float(_get(cfg, "weight_decay", 0.0))
     opt = OPTIMIZERS[name](sched, cfg, wd, masks.default_weight_decay_mask)
     if regularizer is not None:
         opt = optax.chain(regularizer, opt)
     tx = build(opt, rules, layer_decay=_get(cfg, "layer_decay", 0.0) or None, num_layers=num_layers,
-               layer_pattern=layer_pattern, clip_norm=_get(cfg, "clip_norm", 0.0) or None)
+               layer_pattern=layer_pattern, clip_norm=_get(cfg, "clip_norm", 0.0) or None, strict=strict)
     return tx, sched

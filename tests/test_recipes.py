@@ -19,7 +19,8 @@ from tests import stand_ins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
-    "minilm_tweets.py": ("full", "top2", "probe", "lora", "bitfit", "l2sp", "scratch"),
+    "minilm_tweets.py": ("full", "top2", "probe", "lora", "bitfit", "l2sp", "lpft", "unfreeze", "scratch",
+                         "fast"),
     "vit_cifar10.py": ("full", "probe", "pod"),  # :scratch is :full with reinit ** (minilm :scratch runs it)
     # trained from scratch at their tiny sizes in tests/test_text_to_text.py ("pretrained" needs the hub)
     "t5_tweets.py": ("tiny", "tiny_classifier"),
@@ -43,7 +44,7 @@ def text_stand_ins(tmp_path_factory):
     return stand_ins.tiny_bert(str(d / "bert")), stand_ins.tweets_csv(str(d / "tweets.csv"))
 
 
-SHORT = ["--config.train.steps=4", "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+SHORT = ["--config.train.steps=4", "--config.train.epochs=0", "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
          "--config.train.log_every=1", "--config.optim.warmup_steps=1", "--no_progress"]
 
 
@@ -58,15 +59,23 @@ def _text_args(variant, text_stand_ins, workdir):
 @pytest.mark.parametrize("variant", RECIPES["minilm_tweets.py"])
 def test_minilm_tweets(variant, text_stand_ins, tmp_path, capsys):
     args = _text_args(variant, text_stand_ins, tmp_path / "run")
-    assert cli.main(["train", *args, *SHORT]) == 0
+    extra = ["--config.transfer.unfreeze_every=2"] if variant == "unfreeze" else []  # 2 phases in 4 steps
+    assert cli.main(["train", *args, *SHORT, *extra]) == 0
     out = capsys.readouterr().out
     assert "majority-class baseline" in out and "no-transfer baseline:    accuracy" in out
+    assert {"full": "cached frozen prefix: not used (layer 0", "top2": "cached frozen prefix: layers 0-3 of 6",
+            "probe": "probe: lbfgs on cached features", "lpft": "fine-tuning starts from it (LP-FT)",
+            "unfreeze": "cached frozen prefix: not used", "lora": "cached frozen prefix: not used (layer 0",
+            "bitfit": "cached frozen prefix: not used", "l2sp": "cached frozen prefix: not used",
+            "scratch": "cached frozen prefix: not used", "fast": "cached frozen prefix: layers 0-3 of 6"}[variant] in out
     result = json.load(open(tmp_path / "run" / "test_metrics.json"))
     # every test example counted once: 10% of 192 de-duplicated rows
     support = sum(c["support"] for c in result["test"]["per_class"].values())
     assert support == result["test"]["num_examples"] == 20
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert any("loss" in r for r in records)
+    if variant == "unfreeze":
+        assert sorted({r["phase"] for r in records if r["split"] == "train"}) == [0.0, 1.0]
     assert os.path.exists(tmp_path / "run" / "curves.png")
     if variant in ("top2", "lora"):  # the other commands on the same run (lora: merged for predict)
         assert cli.main(["inspect", *args]) == 0
@@ -115,7 +124,8 @@ def test_domain_adaptation_through_a_recipe(text_stand_ins, tmp_path, capsys):
 
 def test_pmap_strategy_trains_checkpoints_and_resumes(text_stand_ins, tmp_path, capsys):
     """The pmap path end to end: replicated state, one-copy checkpoints, resume, eval."""
-    args = _text_args("probe", text_stand_ins, tmp_path / "run") + ["--config.mesh.strategy=pmap"]
+    args = _text_args("probe", text_stand_ins, tmp_path / "run") + ["--config.mesh.strategy=pmap",
+                                                                     "--config.transfer.probe="]
     assert cli.main(["train", *args, *SHORT[1:], "--config.train.steps=2"]) == 0
     assert cli.main(["train", *args, *SHORT]) == 0  # resumes at step 2, runs to 4
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

@@ -204,6 +204,9 @@ def test_frozen_modules_run_without_dropout():
     status = module_status(trainable)
     assert status["bottom"] and status["bottom/dense"] and not status["top"] and not status[""]
     assert "bottom/noise" not in status  # no parameters: the enclosing `bottom` decides
+    # a frozen kernel that LoRA adapts (its factors live elsewhere in the tree) is not inference mode
+    lora = module_status(trainable, adapted=["bottom/dense/kernel"])
+    assert not lora["bottom/dense"] and not lora["bottom"] and status["bottom"]
     apply_fn = linen_apply(model)
 
     @jax.jit

@@ -12,7 +12,7 @@ from jaxfer import data, masks, tree
 from jaxfer.models.bert import BertModel
 from jaxfer.models.heads import Classifier, TaskModel
 from jaxfer.train import TrainState, linen_apply, losses, make_eval_step, make_train_step
-from jaxfer.transfer import features, probe
+from jaxfer.transfer import batches, features, probe
 
 CONFIG = dict(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
               intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.3,
@@ -58,7 +58,7 @@ def test_cached_probe_equals_probe_through_the_backbone(tmp_path):
     through = make_train_step(linen_apply(model), loss_fn, tx, trainable)
     on_cache = make_train_step(features.head_apply(model.head), loss_fn, tx, trainable)
     s1, s2 = TrainState.create(params, tx, rng=7), TrainState.create(params, tx, rng=7)
-    cached_train = features.with_features(data.pipeline(src, global_batch_size=8, train=True, seed=1), feats,
+    cached_train = batches.with_features(data.pipeline(src, global_batch_size=8, train=True, seed=1), feats,
                                           drop=("input_ids", "token_type_ids"))
     for _ in range(6):  # more than one epoch; the head's dropout draws the same masks
         s1, m1 = through(s1, next(train))
@@ -74,7 +74,7 @@ def test_cached_probe_equals_probe_through_the_backbone(tmp_path):
     e1 = make_eval_step(linen_apply(model), loss_fn)
     e2 = make_eval_step(features.head_apply(model.head), loss_fn)
     for batch in evals:
-        out1, out2 = e1(s1, batch), e2(s2, features.with_features([batch], feats)._add(batch))
+        out1, out2 = e1(s1, batch), e2(s2, batches.with_features([batch], feats)._add(batch))
         np.testing.assert_allclose(out1["logits"], out2["logits"], rtol=1e-5, atol=1e-6)
 
     # resumable: the wrapped iterator's state passes through

@@ -99,3 +99,31 @@ def test_frame_lengths_weight_norm_keys_and_spec_augment_mask():
     valid = np.arange(50)[None, :] < np.array([[50], [30]])
     m = np.asarray(wav2vec2.span_mask(jax.random.key(0), (2, 50), 0.5, 5, 2, valid))
     assert m.shape == (2, 50) and not m[1, 30:].any() and m[0].sum() >= 5
+
+
+def test_layer_decay_and_frozen_feature_encoder_cached_exactly():
+    import jax
+
+    from jaxfer.transfer import prefix, presets
+
+    config = dict(model_type="wav2vec2", **TINY, **VARIANTS["large"], hidden_dropout=0.0, attention_dropout=0.0,
+                  activation_dropout=0.0, mask_time_prob=0.0)
+    model = jw.init_model(config, heads.CTCHead(12))
+    pattern = model.family.layer_pattern_for(config)
+    mult = tree.flatten(masks.lr_multipliers(model.params, [("**", 1.0)], layer_decay=0.5, num_layers=5,
+                                             layer_pattern=pattern))
+    assert mult["wav2vec2/encoder/layers/1/attention/q_proj/kernel"] == 0.5
+    assert mult["wav2vec2/feature_extractor/conv_layers/0/conv/kernel"] == 0.5 ** 5
+    # the standard first rule: the feature encoder frozen, so its output is the cached prefix
+    trainable = masks.trainable_mask(model.params, presets.feature_encoder_frozen())
+    wave, mask = _inputs()
+    batch = {"input_values": wave, "attention_mask": mask}
+    plan = prefix.plan(model.module, model.variables, trainable, batch, layer_pattern=pattern)
+    assert plan.exact and plan.module == "wav2vec2/feature_extractor/conv_layers/2" and plan.layer == 3, \
+        plan.describe()
+    cached = prefix.boundary_fn(model.module, plan.module)(model.variables, batch)
+    out, _ = prefix.cached_apply(model.module, plan.module)(model.variables, {**batch, "boundary": cached},
+                                                             train=False)
+    want = model.apply(None, wave, attention_mask=mask)["logits"]
+    np.testing.assert_allclose(np.asarray(out["logits"]), np.asarray(want), atol=1e-5)
+    assert jax.tree.leaves(cached)[0].shape[:2] == (3, want.shape[1])

@@ -44,8 +44,9 @@ _INV_SQRT_2PI = np.float32(1 / math.sqrt(2 * math.pi))
 # ---------------------------------------------------------------- layer norm
 def _ln_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    inv_n = np.float32(1 / x.shape[-1])  # sum * 1/n, not jnp.mean: jax2onnx maps jnp.mean to an opset-18 ReduceMean
+    mean = jnp.sum(x32, axis=-1, keepdims=True) * inv_n
+    var = jnp.sum(jnp.square(x32 - mean), axis=-1, keepdims=True) * inv_n
     return mean, jax.lax.rsqrt(var + eps)
 
 

@@ -266,6 +266,7 @@ def fit(
     patience: int = 0,
     max_nonfinite_skips: int = 5,
     strict_resume: bool = False,
+    max_seconds: float | None = None,
     config: Any = None,
     shard_batch: Callable[[Batch], Batch] | None = None,
     progress: bool = True,
@@ -308,6 +309,10 @@ def fit(
       strict_resume: refuse to start when the latest checkpoint is unreadable
         (default: resume from the newest readable one, with a warning naming
         both; see :func:`jaxfer.train.checkpoint.initial_state`).
+      max_seconds: a time budget: once this many seconds have passed since
+        ``fit`` started, the step that ends is evaluated and checkpointed and
+        training stops there (a ``"stop"`` record with reason ``"time_budget"``
+        says so); ``None`` or 0: no budget. Run again to continue.
       config: saved as ``workdir/config.json`` and with each checkpoint.
       shard_batch: host batch -> device batch (e.g. ``jaxfer.train.parallel.shard_batch``).
       progress: a tqdm bar on process 0.
@@ -382,6 +387,7 @@ def fit(
         cleanup.callback(bar.close)
         stop_requests = cleanup.enter_context(StopRequests())
         window, window_examples, window_start = [], 0, time.perf_counter()
+        started = window_start
         step, last_eval, last_save, stop = start, None, None, False
         while step < steps and not stop:
             try:
@@ -402,7 +408,8 @@ def fit(
             watch.add(step, step_metrics)
             bar.update(1)
             records: list[dict] = []
-            if step % log_every == 0 or step == steps:
+            out_of_time = bool(max_seconds) and time.perf_counter() - started >= max_seconds
+            if step % log_every == 0 or step == steps or out_of_time:
                 jax.block_until_ready(step_metrics)  # time the computation, not its dispatch
                 stop_if_nonfinite(step)
                 now = time.perf_counter()
@@ -413,7 +420,7 @@ def fit(
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr", "examples_per_sec")
                                  if k in record}, refresh=False)
             eval_report = None
-            if can_eval and ((eval_every and step % eval_every == 0) or step == steps):
+            if can_eval and ((eval_every and step % eval_every == 0) or step == steps or out_of_time):
                 stop_if_nonfinite(step)
                 eval_report = evaluate(state, eval_step, eval_batches, task=task,
                                        label_names=label_names, shard_batch=shard_batch,
@@ -427,7 +434,8 @@ def fit(
                     f"{k} {v:.4g}" for k, v in scalars(eval_report).items() if k != "num_examples"))
                 window_start = time.perf_counter()  # keep eval time out of examples/s
             if checkpointer is not None and (
-                    (checkpoint_every and step % checkpoint_every == 0) or step == steps or stop):
+                    (checkpoint_every and step % checkpoint_every == 0) or step == steps or stop
+                    or out_of_time):
                 save(step, data_state, eval_report)
                 last_save = step
             if stop:
@@ -435,6 +443,13 @@ def fit(
                           "best_step": stopper.best_step, best_metric: stopper.best}
                 log.write(record)
                 records.append(record)
+            if out_of_time and not stop and step < steps:
+                stop = True
+                record = {"step": step, "split": "stop", "reason": "time_budget", "max_seconds": max_seconds}
+                log.write(record)
+                records.append(record)
+                logger.info("time budget of %g s spent: stopped at step %d of %d (checkpointed)",
+                            max_seconds, step, steps)
             for hook in hooks:
                 hook(step, state, records)
             if lock is not None:

@@ -107,16 +107,26 @@ def model_apply(model: Any, input_keys: Sequence[str] | None = None) -> ApplyFn:
 
 
 # ------------------------------------------------- frozen means inference mode
-def module_status(trainable: PyTree) -> dict[str, bool]:
+def module_status(trainable: PyTree, adapted: Sequence[str] = ()) -> dict[str, bool]:
     """``{module path: all its parameters frozen}`` for every module that holds parameters,
     at any depth (``"bert/encoder/layer/3"`` as well as ``".../attention/self/query"``;
-    ``""`` is the root)."""
+    ``""`` is the root).
+
+    ``adapted`` names leaves or modules that train through parameters kept
+    elsewhere in the tree (the kernels LoRA adapts, the modules adapters follow):
+    they, and the modules around them, count as training.
+    """
     status: dict[str, bool] = {}
-    for path, is_trainable in tree.flatten(trainable).items():
-        parts = path.split(tree.SEP)[:-1]
+
+    def mark(parts: list[str], frozen: bool) -> None:
         for n in range(len(parts) + 1):
             module = tree.SEP.join(parts[:n])
-            status[module] = status.get(module, True) and not bool(is_trainable)
+            status[module] = status.get(module, True) and frozen
+
+    for path, is_trainable in tree.flatten(trainable).items():
+        mark(path.split(tree.SEP)[:-1], not bool(is_trainable))
+    for path in adapted:
+        mark(path.split(tree.SEP), False)
     return status
 
 
@@ -262,7 +272,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
                     trainable: PyTree | None = None, *, micro_batches: int = 1,
                     lr_schedule: optax.Schedule | None = None, axis_name: str | None = None,
                     jit: bool = True, donate: bool = True, frozen_batch_norm: bool = True,
-                    frozen_dropout: bool = True, skip_nonfinite: bool = True, compute_dtype: Any = None,
+                    frozen_dropout: bool = True, adapted: Sequence[str] = (), skip_nonfinite: bool = True,
+                    compute_dtype: Any = None,
                     state_sharding: Any = None, batch_sharding: Any = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)``.
@@ -288,6 +299,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
       frozen_dropout: switch off the dropout of modules whose parameters are all
         frozen, so the frozen part runs as in inference (see
         :func:`frozen_inference_scope`); ``False`` keeps it random, as before.
+      adapted: paths of frozen leaves or modules that train through parameters
+        kept elsewhere (LoRA's kernels, adapters' modules): not inference mode.
       skip_nonfinite: the non-finite guard (module docstring); ``False`` applies
         every update, finite or not (``metrics["nonfinite"]`` is still reported).
       compute_dtype: e.g. ``jnp.bfloat16``: the forward and backward pass run on
@@ -311,7 +324,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     mask_tree = None if trainable is None else jax.tree_util.tree_map(bool, trainable)
-    status = module_status(mask_tree) if mask_tree is not None else {}
+    status = module_status(mask_tree, adapted) if mask_tree is not None else {}
     frozen_bn = frozenset(m for m, f in status.items() if f) if frozen_batch_norm else frozenset()
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:

@@ -14,8 +14,9 @@ never changes while it stays frozen. This module computes such outputs once:
   directory, keyed by a :func:`fingerprint` of the model and the data, reused by
   any later run with the same fingerprint (an interrupted extraction resumes at
   the first missing chunk);
-* :func:`with_features` -- batches (training or evaluation, resumable) with the
-  cached rows of their ids added under a key, so the step trains on them.
+* :func:`head_apply` -- a ``Classifier`` head on cached features, with the task
+  model's params (:mod:`jaxfer.transfer.batches` puts the rows into batches,
+  or computes them on first use).
 
 Training a head on cached features is the same computation as training it
 through the frozen backbone (``tests/test_transfer_features.py``), at the cost
@@ -28,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -93,20 +95,22 @@ def _bound_path(module: nn.Module) -> str:
     return "/".join(map(str, module.path))
 
 
-def _call(module: nn.Module, batch: Batch, input_keys: Sequence[str] | None, variables) -> Any:
-    apply_fn = linen_apply(module, input_keys)
-    outputs, _ = apply_fn(variables, batch, train=False)
-    return outputs
+def as_apply(model: Any, input_keys: Sequence[str] | None = None):
+    """A Linen module as an ``apply_fn`` (:func:`jaxfer.train.step.linen_apply`); an
+    ``apply_fn`` (a LoRA- or adapter-wrapped one, say) as it is."""
+    return linen_apply(model, input_keys) if isinstance(model, nn.Module) else model
 
 
-def head_input_fn(module: nn.Module, head: str = "classifier", *,
+def head_input_fn(model: Any, head: str = "classifier", *,
                   input_keys: Sequence[str] | None = None) -> FeatureFn:
     """``fn(variables, batch) -> (B, D)``: what the ``Classifier`` at path ``head`` pools
     from the backbone (``heads.pool(outputs, pooling, attention_mask)``), in inference mode.
 
+    ``model`` is the task model (a Linen module) or an ``apply_fn`` running it.
     The head's dense (and dropout) are skipped; under ``jit`` nothing after the
     pooling is computed.
     """
+    apply_fn = as_apply(model, input_keys)
 
     def interceptor(next_fun, args, kwargs, context):
         m = context.module
@@ -118,29 +122,31 @@ def head_input_fn(module: nn.Module, head: str = "classifier", *,
 
     def fn(variables, batch):
         with nn.intercept_methods(interceptor):
-            return _call(module, batch, input_keys, variables)["logits"]
+            return apply_fn(variables, batch, train=False)[0]["logits"]
 
     return fn
 
 
-def module_output_fn(module: nn.Module, path: str, *, input_keys: Sequence[str] | None = None) -> FeatureFn:
+def module_output_fn(model: Any, path: str, *, input_keys: Sequence[str] | None = None) -> FeatureFn:
     """``fn(variables, batch) -> array``: the output of the submodule at ``path`` (its
-    ``__call__``), in inference mode. Under ``jit`` nothing after it is computed."""
-    captured: list[Any] = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and _bound_path(context.module) == path:
-            captured.append(out)
-        return out
+    ``__call__``), in inference mode (``model``: a Linen module or an ``apply_fn``).
+    Under ``jit`` nothing after it is computed."""
+    apply_fn = as_apply(model, input_keys)
 
     def fn(variables, batch):
-        captured.clear()
+        captured: list[Any] = []
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and _bound_path(context.module) == path:
+                captured.append(out)
+            return out
+
         with nn.intercept_methods(interceptor):
-            _call(module, batch, input_keys, variables)
+            apply_fn(variables, batch, train=False)
         if len(captured) != 1:
             raise ValueError(f"module {path!r} was called {len(captured)} times; need exactly once")
-        return captured.pop()
+        return captured[0]
 
     return fn
 
@@ -158,6 +164,7 @@ class Features:
     chunks: list[np.ndarray]
     directory: str | None = None
     reused: bool = False  # read back from an earlier run
+    seconds: float = 0.0  # spent computing the rows, compilation excluded (by the run that computed them)
 
     def __post_init__(self):
         self.ids = np.asarray(self.ids)
@@ -196,8 +203,9 @@ class Features:
             raise KeyError(f"no cached features for example ids {ids[bad][:5].tolist()}")
         return self._rows[pos]
 
-    def take(self, ids: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """Rows for ``ids``; rows where ``valid`` is false (padding) are zeros."""
+    def take(self, ids: np.ndarray, valid: np.ndarray | None = None, batch: Batch | None = None) -> np.ndarray:
+        """Rows for ``ids``; rows where ``valid`` is false (padding) are zeros. (``batch``,
+        the batch the ids come from, is for :class:`OnDemand`; here it is unused.)"""
         ids = np.asarray(ids)
         valid = np.ones(ids.shape, bool) if valid is None else np.asarray(valid) > 0
         out = np.zeros((len(ids), *self.shape[1:]), self.dtype)
@@ -216,10 +224,6 @@ class Features:
         return np.concatenate(self.chunks) if self.chunks else np.zeros(self.shape, self.dtype)
 
 
-def _jit(fn: FeatureFn) -> Callable:
-    return jax.jit(lambda variables, batch: fn(variables, batch))
-
-
 def _iter_groups(batches: Iterable[Batch], group: int) -> Iterator[list[Batch]]:
     buf: list[Batch] = []
     for b in batches:
@@ -231,22 +235,42 @@ def _iter_groups(batches: Iterable[Batch], group: int) -> Iterator[list[Batch]]:
         yield buf
 
 
-def _run(jitted, variables, group: list[Batch], id_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features and ids of the real rows of some batches (dispatch all, then fetch)."""
-    outs = [jitted(variables, _model_inputs(b, id_key)) for b in group]
-    ids, rows = [], []
-    for b, out in zip(group, outs):
-        keep = np.asarray(b.get("mask", np.ones(len(b[id_key]))), np.float32) > 0
-        rows.append(np.asarray(out)[keep])
-        ids.append(np.asarray(b[id_key])[keep])
-    return np.concatenate(ids), np.concatenate(rows)
+class Runner:
+    """(Used by :mod:`jaxfer.transfer.batches` too.) ``fn`` compiled once (ahead of time, not timed), then run over groups of batches;
+    ``seconds`` adds up the time spent computing, compilation excluded."""
+
+    def __init__(self, fn: FeatureFn, variables: Any, id_key: str):
+        self.jitted = jax.jit(lambda variables, batch: fn(variables, batch))
+        self.variables, self.id_key = variables, id_key
+        self.compiled: dict[Any, Any] = {}
+        self.seconds = 0.0
+
+    def _fn(self, batch: Batch):
+        shapes = tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in sorted(batch.items()))
+        if shapes not in self.compiled:
+            self.compiled[shapes] = self.jitted.lower(self.variables, batch).compile()
+        return self.compiled[shapes]
+
+    def __call__(self, group: list[Batch]) -> tuple[np.ndarray, np.ndarray]:
+        """Features and ids of the real rows of some batches (dispatch all, then fetch)."""
+        inputs = [_model_inputs(b, self.id_key) for b in group]
+        fns = [self._fn(b) for b in inputs]
+        start = time.perf_counter()
+        outs = [f(self.variables, b) for f, b in zip(fns, inputs)]
+        ids, rows = [], []
+        for b, out in zip(group, outs):
+            keep = np.asarray(b.get("mask", np.ones(len(b[self.id_key]))), np.float32) > 0
+            rows.append(np.asarray(out)[keep])
+            ids.append(np.asarray(b[self.id_key])[keep])
+        self.seconds += time.perf_counter() - start
+        return np.concatenate(ids), np.concatenate(rows)
 
 
 def _model_inputs(batch: Batch, id_key: str) -> Batch:
     return {k: v for k, v in batch.items() if k not in (id_key, "label", "mask")}
 
 
-def _check_ids(batch: Batch, id_key: str) -> None:
+def check_ids(batch: Batch, id_key: str) -> None:
     if id_key not in batch:
         raise KeyError(f"batches need an example id under {id_key!r} to key cached features; "
                        f"they hold {sorted(batch)}")
@@ -255,17 +279,17 @@ def _check_ids(batch: Batch, id_key: str) -> None:
 def extract(fn: FeatureFn, variables: Any, batches: Iterable[Batch], *, id_key: str = ID_KEY,
             chunk_batches: int = 32) -> Features:
     """``fn`` (jitted) over every real row of ``batches``, in memory."""
-    jitted = _jit(fn)
+    run = Runner(fn, variables, id_key)
     ids, chunks = [], []
     for group in _iter_groups(batches, chunk_batches):
-        _check_ids(group[0], id_key)
-        i, rows = _run(jitted, variables, group, id_key)
+        check_ids(group[0], id_key)
+        i, rows = run(group)
         ids.append(i)
         chunks.append(rows)
-    return Features(np.concatenate(ids) if ids else np.zeros((0,), np.int64), chunks)
+    return Features(np.concatenate(ids) if ids else np.zeros((0,), np.int64), chunks, seconds=run.seconds)
 
 
-def _save(path: str, array: np.ndarray) -> None:
+def save_atomic(path: str, array: np.ndarray) -> None:
     tmp = path + ".tmp.npy"
     np.save(tmp, array)
     os.replace(tmp, path)  # a chunk file is whole or absent
@@ -290,79 +314,33 @@ def cached(fn: FeatureFn, variables: Any, batches: Iterable[Batch], *, directory
     if os.path.exists(index_path):
         with open(index_path) as f:
             index = json.load(f)
-        return _load(where, index["chunks"], reused=True)
+        return _load(where, index["chunks"], reused=True, seconds=index.get("seconds", 0.0))
     os.makedirs(where, exist_ok=True)
-    jitted = _jit(fn)
+    run = Runner(fn, variables, id_key)
     names = []
     for c, group in enumerate(_iter_groups(batches, chunk_batches)):
-        _check_ids(group[0], id_key)
+        check_ids(group[0], id_key)
         name = f"{c:05d}"
         names.append(name)
         if all(os.path.exists(os.path.join(where, f"{p}_{name}.npy")) for p in ("ids", "rows")):
             continue  # done by an interrupted run
-        ids, rows = _run(jitted, variables, group, id_key)
+        ids, rows = run(group)
         if jax.process_index() == 0:
-            _save(os.path.join(where, f"rows_{name}.npy"), rows)
-            _save(os.path.join(where, f"ids_{name}.npy"), ids)
+            save_atomic(os.path.join(where, f"rows_{name}.npy"), rows)
+            save_atomic(os.path.join(where, f"ids_{name}.npy"), ids)
+    seconds = run.seconds
     if jax.process_index() == 0:
         with open(index_path + ".tmp", "w") as f:
-            json.dump({"chunks": names, "key": key}, f)
+            json.dump({"chunks": names, "key": key, "seconds": seconds}, f)
         os.replace(index_path + ".tmp", index_path)
-    return _load(where, names)
+    return _load(where, names, seconds=seconds)
 
 
-def _load(where: str, names: Sequence[str], reused: bool = False) -> Features:
+def _load(where: str, names: Sequence[str], reused: bool = False, seconds: float = 0.0) -> Features:
     ids = [np.load(os.path.join(where, f"ids_{n}.npy")) for n in names]
     rows = [np.load(os.path.join(where, f"rows_{n}.npy"), mmap_mode="r") for n in names]
     return Features(np.concatenate(ids) if ids else np.zeros((0,), np.int64), rows,
-                    directory=where, reused=reused)
-
-
-# ----------------------------------------------------------- cached batches
-class with_features:  # noqa: N801 -- reads as a function: with_features(batches, features)
-    """``batches`` with ``batch[key] = features.take(batch["id"], batch["mask"])``.
-
-    Wraps a resumable training iterator (``get_state``/``set_state`` pass
-    through, so a resumed run sees the same batches) or re-iterable evaluation
-    batches (each ``iter()`` is a fresh pass). ``drop`` names batch entries to
-    leave out (model inputs the cached part replaces).
-    """
-
-    def __init__(self, batches, features: Features, *, key: str = "features", id_key: str = ID_KEY,
-                 drop: Sequence[str] = ()):
-        self.batches, self.features, self.key, self.id_key = batches, features, key, id_key
-        self.drop = tuple(drop)
-        self._it = batches if hasattr(batches, "__next__") else None
-
-    def _add(self, batch: Batch) -> Batch:
-        _check_ids(batch, self.id_key)
-        out = {k: v for k, v in batch.items() if k not in self.drop}
-        out[self.key] = self.features.take(batch[self.id_key], batch.get("mask"))
-        return out
-
-    def __iter__(self):
-        if self._it is not None:
-            return self
-        return (self._add(b) for b in self.batches)
-
-    def __next__(self) -> Batch:
-        if self._it is None:
-            raise TypeError("these batches are re-iterable, not an iterator: use iter()")
-        return self._add(next(self._it))
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def get_state(self):
-        return self.batches.get_state()
-
-    def set_state(self, state) -> None:
-        self.batches.set_state(state)
-
-    def __getattr__(self, name):  # steps_per_epoch, batch_size, ... of the wrapped batches
-        if name in ("batches", "_it"):
-            raise AttributeError(name)
-        return getattr(self.batches, name)
+                    directory=where, reused=reused, seconds=seconds)
 
 
 # ------------------------------------------------------------ head on features

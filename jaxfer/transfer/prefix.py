@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 
 from jaxfer import masks, tree
-from jaxfer.train.step import frozen_inference_scope, linen_apply, module_status
+from jaxfer.train.step import frozen_inference_scope, module_status
 from jaxfer.transfer import features as features_lib
 
 BOUNDARY_KEY = "boundary"
@@ -66,8 +66,13 @@ class Plan:
     def describe(self) -> str:
         if not self.exact:
             return f"cached frozen prefix: not used ({self.reason})"
-        return (f"cached frozen prefix: layers 0-{self.layer - 1} of {self.num_layers} run once per example; "
-                f"training runs from {self.module!r} up")
+        return (f"cached frozen prefix: {self.span()} of {self.num_layers} "
+                f"{'runs' if self.layer == 1 else 'run'} once per example; training runs from "
+                f"{self.module!r} up")
+
+    def span(self) -> str:
+        """``"layer 0"`` or ``"layers 0-3"``: what the cache replaces."""
+        return "layer 0" if self.layer == 1 else f"layers 0-{self.layer - 1}"
 
 
 def _layer_modules(paths: Sequence[str], layer_pattern: Any) -> dict[int, str]:
@@ -91,11 +96,12 @@ def _used_inputs(closed_jaxpr) -> list[bool]:
     return [id(v) in needed for v in jaxpr.invars]
 
 
-def boundary_fn(module: nn.Module, path: str, *, train: bool = False, status: Mapping[str, bool] | None = None,
+def boundary_fn(model: Any, path: str, *, train: bool = False, status: Mapping[str, bool] | None = None,
                 input_keys: Sequence[str] | None = None):
     """``fn(variables, batch, rng) -> output of the module at path``; with ``train``, as in
-    the train step (frozen modules in inference mode by ``status``, dropout drawing ``rng``)."""
-    apply_fn = linen_apply(module, input_keys)
+    the train step (frozen modules in inference mode by ``status``, dropout drawing ``rng``).
+    ``model``: the task model (a Linen module) or the ``apply_fn`` the run trains with."""
+    apply_fn = features_lib.as_apply(model, input_keys)
 
     def fn(variables, batch, rng=None):
         captured: list[Any] = []
@@ -115,13 +121,14 @@ def boundary_fn(module: nn.Module, path: str, *, train: bool = False, status: Ma
     return fn
 
 
-def plan(module: nn.Module, variables: Mapping[str, Any], trainable: Any, batch: Mapping[str, Any], *,
+def plan(model: Any, variables: Mapping[str, Any], trainable: Any, batch: Mapping[str, Any], *,
          layer_pattern: Any, augmented: str | None = None, frozen_dropout: bool = True,
          input_keys: Sequence[str] | None = None) -> Plan:
-    """Whether, and where, the frozen prefix of ``module`` can be cached exactly.
+    """Whether, and where, the frozen prefix of ``model`` can be cached exactly.
 
     Args:
-      module: the task model (a Linen module).
+      model: the task model (a Linen module), or the ``apply_fn`` the run trains
+        with (LoRA- or adapter-wrapped: their parameters then count too).
       variables: ``{"params": ..., **model_state}``.
       trainable: the bool mask over the params.
       batch: an example training batch (its shapes; values unused).
@@ -154,7 +161,7 @@ def plan(module: nn.Module, variables: Mapping[str, Any], trainable: Any, batch:
     path = modules[k - 1]
     status = module_status(trainable)
 
-    fn = boundary_fn(module, path, train=True, status=status if frozen_dropout else {}, input_keys=input_keys)
+    fn = boundary_fn(model, path, train=True, status=status if frozen_dropout else {}, input_keys=input_keys)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
     leaf_paths = [tree.keypath_str(kp) for kp, _ in leaves]
     example = {k_: v for k_, v in batch.items() if k_ not in ("label", "mask", features_lib.ID_KEY)}
@@ -178,25 +185,26 @@ def plan(module: nn.Module, variables: Mapping[str, Any], trainable: Any, batch:
     return Plan(path, layer=k, num_layers=num_layers)
 
 
-def compute(module: nn.Module, variables: Mapping[str, Any], path: str, batches, *, directory: str | None = None,
+def compute(model: Any, variables: Mapping[str, Any], path: str, batches, *, directory: str | None = None,
             key: str | None = None, input_keys: Sequence[str] | None = None,
             chunk_batches: int = 16) -> features_lib.Features:
     """The output of the module at ``path`` for every example of ``batches``, in
     inference mode, keyed by example id (cached under ``directory/key`` when given)."""
-    fn = boundary_fn(module, path, train=False, input_keys=input_keys)
+    fn = boundary_fn(model, path, train=False, input_keys=input_keys)
     return features_lib.cached(lambda v, b: fn(v, b), variables, batches, directory=directory,
                                key=key or "prefix", chunk_batches=chunk_batches)
 
 
-def cached_apply(module: nn.Module, path: str, *, key: str = BOUNDARY_KEY,
+def cached_apply(model: Any, path: str, *, key: str = BOUNDARY_KEY,
                  input_keys: Sequence[str] | None = None):
     """``apply_fn(variables, batch, *, train, rng)`` (the :mod:`jaxfer.train.step`
     contract) that takes the output of the module at ``path`` from ``batch[key]``.
 
-    Every other batch entry (attention mask, ...) reaches the model as before;
-    what only fed the cached module is dead code that ``jit`` removes.
+    ``model``: a Linen module or an ``apply_fn`` (wrapped by LoRA, say). Every
+    other batch entry (attention mask, ...) reaches the model as before; what
+    only fed the cached module is dead code that ``jit`` removes.
     """
-    apply_fn = linen_apply(module, input_keys)
+    apply_fn = features_lib.as_apply(model, input_keys)
 
     def apply(variables, batch, *, train: bool, rng=None):
         boundary = batch[key]
