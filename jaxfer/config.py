@@ -67,10 +67,10 @@ def _parse_value(text: str, current):
     if isinstance(current, ml_collections.ConfigDict):  # a whole section, as a dict literal
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             value = None
         if not isinstance(value, dict):
-            raise ValueError(f"expected a dict literal for a section, got {text!r}")
+            raise ConfigError(f"expected a dict literal for a section, got {text!r}")
         return ml_collections.ConfigDict(value)
     try:
         value = ast.literal_eval(text)
