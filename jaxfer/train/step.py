@@ -247,7 +247,12 @@ def _all_finite(values: PyTree) -> jax.Array:
 
 
 def _where(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+    """``new`` if ``ok`` else ``old``, as one ``lax.cond`` over the trees.
+
+    Not a ``jnp.where`` per leaf: XLA:CPU fuses those selects with the
+    finiteness reductions they depend on, and a 6-layer BERT step then took
+    ~60 s to compile instead of ~5 s (same step time)."""
+    return jax.lax.cond(ok, lambda: new, lambda: old)
 
 
 def _cast_floats(values: PyTree, dtype: Any) -> PyTree:
