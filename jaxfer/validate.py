@@ -9,6 +9,8 @@ text is tokenised (:func:`jaxfer.data.text.check_token_ids`).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +57,14 @@ def config(cfg) -> None:
         head(cfg.task, m.num_classes)
     except ConfigError as e:
         problems.append(str(e))
-    need(_positive_int(t.steps), f"train.steps must be > 0, got {t.steps!r}")
+    epochs = t.get("epochs", 0)
+    if epochs:  # a length in passes over the data (experiment.train_steps sizes the schedule)
+        need(isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0
+             and math.isfinite(epochs), f"train.epochs must be > 0, got {epochs!r}")
+        need(not t.steps, f"give train.steps ({t.steps!r}) or train.epochs ({epochs!r}), not both: "
+             "set the other to 0")
+    else:
+        need(_positive_int(t.steps), f"train.steps must be > 0, got {t.steps!r} (or give train.epochs > 0)")
     for key in ("batch_size", "eval_batch_size"):
         need(_positive_int(d[key]), f"data.{key} must be > 0, got {d[key]!r}")
     accumulate = cfg.optim.get("accumulate", 1) or 1

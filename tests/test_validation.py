@@ -203,3 +203,22 @@ def test_pipeline_truncates_to_the_position_table_and_refuses_foreign_token_ids(
     with pytest.raises(DataError, match=r"token ids span \[\d+, \d+\] but the model's vocabulary holds \[0, 1000\)"):
         data.make_pipeline(src, global_batch_size=2, train=False, tokenizer=bert.tokenizer(),
                            max_length=16, vocab_size=1000)
+
+
+def test_a_recipe_sized_in_epochs_is_valid_and_steps_or_epochs_is_required():
+    """``train.steps=0`` with ``train.epochs`` > 0 is a run length (``:fast``); the validation
+    added with the reliability work refused it until a timed run of ``:fast`` failed."""
+    import os
+
+    from jaxfer import config as config_lib, validate
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "minilm_tweets.py")
+    validate.config(config_lib.load_with_overrides(recipe + ":fast", []))  # steps 0, epochs 1.5
+    validate.config(config_lib.load_with_overrides(recipe + ":top2", [("train.steps", "0"),
+                                                                      ("train.epochs", "2.0")]))
+    for overrides, message in (
+            ([("train.steps", "0"), ("train.epochs", "0.0")], "train.steps must be > 0, got 0"),
+            ([("train.steps", "5"), ("train.epochs", "1.0")], "not both"),
+            ([("train.steps", "0"), ("train.epochs", "-1.0")], "train.epochs must be > 0, got -1.0")):
+        with pytest.raises(ConfigError, match=message):
+            validate.config(config_lib.load_with_overrides(recipe + ":top2", overrides))
