@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxfer.models.common import DropPath
 from jaxfer.train.step import linen_apply
 from jaxfer.transfer import adapt
 
@@ -83,6 +84,24 @@ def test_adabn_statistics_are_the_target_data_statistics():
     # the module's own momentum and mode are untouched afterwards
     _, new = linen_apply(module)(variables, {"x": target[:6]}, train=True)
     np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["mean"], 0.1 * target[:6].mean(0), rtol=1e-5)
+
+
+class _DroppedBN(nn.Module):
+    """Dropout and stochastic depth before a batch norm (EfficientNet's blocks have both)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = DropPath(0.5)(nn.Dropout(0.5)(x, deterministic=not train), deterministic=not train)
+        return nn.Dense(2)(nn.BatchNorm(use_running_average=not train)(x))
+
+
+def test_adabn_switches_dropout_and_stochastic_depth_off():
+    module = _DroppedBN()
+    x = RNG.normal(size=(16, 3)).astype(np.float32)
+    variables = module.init(jax.random.key(0), x)
+    stats = adapt.adabn(linen_apply(module), variables, [{"x": x}])["batch_stats"]["BatchNorm_0"]
+    np.testing.assert_allclose(stats["mean"], x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], x.var(0), rtol=1e-5)
 
 
 class _Net(nn.Module):

@@ -124,6 +124,31 @@ def test_drop_path_drops_whole_examples_and_rescales():
     assert common.drop_path(x, 0.25, deterministic=True) is x
 
 
+class _Residual(nn.Module):
+    """A frozen-able residual block with stochastic depth, as EfficientNet's MBConv has."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return x + common.DropPath(0.5, name="drop_path")(nn.Dense(3, name="dense")(x), deterministic=not train)
+
+
+def test_drop_path_module_is_dropout_so_a_frozen_block_runs_it_as_the_identity():
+    from jaxfer.train.step import frozen_inference_scope, linen_apply, module_status
+
+    block = _Residual()
+    x = jnp.ones((64, 3))
+    variables = block.init(jax.random.key(0), x)
+    apply_fn = linen_apply(block)
+    assert isinstance(common.DropPath(0.5), nn.Dropout)
+    evaluated, _ = apply_fn(variables, {"x": x}, train=False)
+    trained, _ = apply_fn(variables, {"x": x}, train=True, rng=jax.random.key(1))
+    assert not np.allclose(trained["logits"], evaluated["logits"])  # trainable: examples dropped in training
+    frozen = module_status({"dense": {"kernel": False, "bias": False}})
+    with frozen_inference_scope(frozen):
+        frozen_trained, _ = apply_fn(variables, {"x": x}, train=True, rng=jax.random.key(1))
+    np.testing.assert_array_equal(frozen_trained["logits"], evaluated["logits"])
+
+
 def test_models_never_import_weights():
     """``jaxfer.models`` sits below ``jaxfer.weights``: weights import models, never back."""
     root = pathlib.Path(jaxfer.models.__file__).parent

@@ -27,7 +27,9 @@ and one ``registry.register`` line. Everything below is reused, never copied:
   :func:`adaptive_avg_pool` (``nn.AdaptiveAvgPool2d``), :func:`to_nhwc` / :func:`to_nchw`, :func:`pair`;
 * CNNs, TensorFlow semantics: :func:`same_conv` (``"SAME"``: the extra row/column of
   padding at the bottom/right), :func:`same_avg_pool` (padding not counted);
-* :func:`drop_path` (stochastic depth: whole residual branches dropped per example).
+* :func:`drop_path` (stochastic depth: whole residual branches dropped per example) and
+  :class:`DropPath`, the same as a module: an ``nn.Dropout``, so everything that
+  switches dropout off (frozen modules in training, AdaBN) switches it off too.
 
 A family file, laid out::
 
@@ -353,3 +355,21 @@ def drop_path(x: jax.Array, rate: float, *, deterministic: bool, rng: jax.Array 
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class DropPath(nn.Dropout):
+    """:func:`drop_path` as a module: stochastic depth with ``nn.Dropout``'s fields and
+    call (``rate``, ``deterministic``, the ``"dropout"`` rng stream).
+
+    A subclass of ``nn.Dropout`` on purpose: whatever treats dropout as dropout
+    treats this as dropout too (a frozen block runs it as the identity in
+    training, :func:`jaxfer.transfer.adapt.adabn` turns it off).
+    """
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None, rng: jax.Array | None = None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if deterministic or self.rate == 0.0:
+            return inputs
+        return drop_path(inputs, self.rate, deterministic=False,
+                         rng=rng if rng is not None else self.make_rng(self.rng_collection))

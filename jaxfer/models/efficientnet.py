@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfer.models import registry
-from jaxfer.models.common import activation, config_dict, drop_path, same_conv, to_nchw, to_nhwc, \
+from jaxfer.models.common import DropPath, activation, config_dict, same_conv, to_nchw, to_nhwc, \
     torch_batch_norm
 from jaxfer.models.keymap import KeyRule, apply_key_map, batch_norm
 
@@ -158,8 +158,7 @@ class MBConv(nn.Module):
         y = ConvBN(self.c, self.out_ch, act=False, name="project")(y, train)
         if self.stride != 1 or self.in_ch != self.out_ch:
             return y
-        drop = train and self.drop_rate > 0
-        y = drop_path(y, self.drop_rate, deterministic=not drop, rng=self.make_rng("dropout") if drop else None)
+        y = DropPath(self.drop_rate, name="drop_path")(y, deterministic=not train)
         return x + y
 
 

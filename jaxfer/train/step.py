@@ -139,7 +139,7 @@ def _owner_frozen(status: Mapping[str, bool], path: tuple[str, ...]) -> bool:
     return False
 
 
-def _call_with(module, args, kwargs, next_fun, name: str, value: bool, positional: int):
+def call_with_flag(module, args, kwargs, next_fun, name: str, value: bool, positional: int):
     """Call ``next_fun`` with the flag ``name`` forced to ``value``: as a call argument
     when the module takes it per call, else on this bound instance for the call only
     (flax refuses a flag given at construction and again in the call)."""
@@ -177,9 +177,9 @@ def frozen_inference_scope(status: Mapping[str, bool], *, batch_norm: bool = Tru
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         if batch_norm and isinstance(module, nn.BatchNorm) and status.get(tree.SEP.join(map(str, module.path))):
-            return _call_with(module, args, kwargs, next_fun, "use_running_average", True, 1)
+            return call_with_flag(module, args, kwargs, next_fun, "use_running_average", True, 1)
         if dropout and isinstance(module, nn.Dropout) and _owner_frozen(status, tuple(map(str, module.path))):
-            return _call_with(module, args, kwargs, next_fun, "deterministic", True, 1)
+            return call_with_flag(module, args, kwargs, next_fun, "deterministic", True, 1)
         return next_fun(*args, **kwargs)
 
     if not any(status.values()) or not (batch_norm or dropout):

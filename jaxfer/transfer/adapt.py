@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfer.models import heads
+from jaxfer.train import step as step_lib
 
 SOURCE, TARGET = 0, 1
 DOMAIN_KEY = "domain"
@@ -313,11 +314,17 @@ def mcc(logits, domain=None, *, temperature: float = 2.5, mask=None):
 @contextlib.contextmanager
 def _batch_statistics_scope():
     """Every ``nn.BatchNorm`` normalises with batch statistics and stores them whole
-    (momentum 0), so its new running statistics are exactly the batch's."""
+    (momentum 0), so its new running statistics are exactly the batch's; every
+    ``nn.Dropout`` (stochastic depth included: ``models.common.DropPath`` is one) is
+    the identity, so the statistics are those of the network as it is tested."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if not isinstance(module, nn.BatchNorm) or context.method_name != "__call__":
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if isinstance(module, nn.Dropout):
+            return step_lib.call_with_flag(module, args, kwargs, next_fun, "deterministic", True, 1)
+        if not isinstance(module, nn.BatchNorm):
             return next_fun(*args, **kwargs)
         old = module.momentum, module.use_running_average
         object.__setattr__(module, "momentum", 0.0)
@@ -344,7 +351,8 @@ def adabn(apply_fn, variables: dict[str, Any], batches: Iterable[dict]) -> dict[
     averages of the per-batch means and variances, each batch weighted by its
     rows (PyTorch's ``momentum=None`` cumulative average; as there, a variance is
     the mean of the batch variances). Batches should hold no padding rows:
-    batch norm does not read masks. Dropout is off (no rng is passed).
+    batch norm does not read masks. Dropout is off (every ``nn.Dropout``, stochastic
+    depth included); a fixed rng is passed for anything else that draws one.
 
     ``apply_fn`` is the step's ``(variables, batch, *, train, rng) -> (outputs, state)``.
     """
@@ -352,7 +360,7 @@ def adabn(apply_fn, variables: dict[str, Any], batches: Iterable[dict]) -> dict[
     @jax.jit
     def stats(variables, batch):
         with _batch_statistics_scope():
-            _, new_state = apply_fn(variables, batch, train=True, rng=None)
+            _, new_state = apply_fn(variables, batch, train=True, rng=jax.random.key(0))
         return new_state
 
     total, count = None, 0.0
