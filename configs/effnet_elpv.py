@@ -17,6 +17,16 @@ Four recipes on the same split, chosen after the colon:
     jaxfer train --config configs/effnet_elpv.py:full    --workdir runs/elpv_full     # everything
     jaxfer train --config configs/effnet_elpv.py:scratch --workdir runs/elpv_scratch  # everything, random init
 
+and one for domain adaptation: ``:adapt`` trains ``:top`` on the monocrystalline
+cells (the source domain) and tests on the polycrystalline ones (the target),
+whose training images it may read without their labels. ``adapt.method`` is
+the only key that changes between source-only and adapted runs:
+
+    jaxfer train --config configs/effnet_elpv.py:adapt --workdir runs/elpv_mono_poly                  # source only
+    jaxfer train --config configs/effnet_elpv.py:adapt --config.adapt.method=dann --workdir runs/elpv_dann
+    # cdan, cdan+e, coral, mmd, mcc, adabn: see jaxfer.transfer.adapt.METHODS
+    python benchmarks/elpv_adapt.py --out runs/elpv_adapt   # every method x 3 seeds, the README's table
+
 Each run writes, beside checkpoints and metrics, ``confusion_matrix.png`` and
 ``test_predictions.png`` (test images with predicted and true labels). Numbers
 in the README.
@@ -44,7 +54,8 @@ RULES = {
     "full": (("**", 1.0),),
     "scratch": (("**", 1.0),),
 }
-LR = {"probe": 3e-3, "top": 1e-3, "full": 5e-4, "scratch": 2e-3}
+RULES["adapt"] = RULES["top"]
+LR = {"probe": 3e-3, "top": 1e-3, "full": 5e-4, "scratch": 2e-3, "adapt": 1e-3}
 
 
 def get_config(arg: str = "top"):
@@ -99,6 +110,16 @@ def get_config(arg: str = "top"):
     c.train.patience = 0
     c.train.max_nonfinite_skips = 5
     c.train.trainable_only_checkpoints = arg in ("probe", "top")
+
+    if arg == "adapt":  # source: monocrystalline cells; target: polycrystalline, labels unread until the test
+        c.data.cell_type = "mono"
+        c.adapt = ml_collections.ConfigDict()
+        c.adapt.method = "none"  # or one of jaxfer.transfer.adapt.METHODS: dann, cdan, cdan+e, coral, mmd, mcc, adabn
+        c.adapt.target = {"cell_type": "poly"}  # what in c.data changes for the target domain
+        c.adapt.weight = 1.0  # of the adaptation term, added to the labelled rows' loss
+        c.adapt.batch_size = 0  # unlabelled target images per step (0: as many as data.batch_size source images)
+        c.adapt.hidden = 256  # discriminator width (dann, cdan)
+        c.adapt.temperature = 2.5  # mcc
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -12,6 +12,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from jaxfer import cli
@@ -220,6 +221,21 @@ def test_effnet_elpv(variant, vision_stand_ins, tmp_path, capsys):
         assert len(predicted) == len(true) == 16
         accuracy = sum(p == t for p, t in zip(predicted, true)) / len(true)
         assert accuracy == pytest.approx(evaluated["accuracy"]) == pytest.approx(result["test"]["accuracy"])
+
+
+@pytest.mark.parametrize("method", ["adabn", "dann"])
+def test_effnet_elpv_adapt(method, vision_stand_ins, tmp_path, capsys):
+    """:adapt trains on the monocrystalline cells and tests on the polycrystalline ones (the
+    source's test beside it); AdaBN re-estimates the batch norms of an EfficientNet, whose
+    blocks have dropout and stochastic depth; DANN trains on source + unlabelled target batches."""
+    args = _elpv_args("adapt", vision_stand_ins, tmp_path / "run")
+    assert cli.main(["train", *args, *SHORT, f"--config.adapt.method={method}"]) == 0
+    out = capsys.readouterr().out
+    assert "source-domain test" in out and "no-transfer baseline" in out
+    result = json.load(open(tmp_path / "run" / "test_metrics.json"))
+    assert result["test"]["num_examples"] == result["source_test"]["num_examples"] == 8  # 2 per grade
+    for split in ("test", "source_test"):
+        assert np.isfinite(result[split]["loss"]) and 0.0 <= result[split]["macro_f1"] <= 1.0
 
 
 def test_effnet_elpv_full_and_scratch(vision_stand_ins, tmp_path):
