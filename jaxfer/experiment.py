@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ import numpy as np
 from jaxfer import baselines, deploy, generation, masks, metrics, objective, optim, param_table, plots, tasks, tree, validate
 from jaxfer import workdir as workdir_lib
 from jaxfer import data as data_lib
+from jaxfer.errors import ConfigError
 from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
 from jaxfer.train import loop, losses, parallel, runlog, step as step_lib
@@ -273,20 +273,16 @@ def build_peft(cfg, model: Model) -> peft_lib.Peft:
 
 def train_steps(cfg, data: Data | None = None) -> int:
     """Optimizer steps of the run: ``train.steps``, or ``train.epochs`` passes over the
-    training data (the schedule is sized to it). Without data, ``train.steps`` or 1."""
+    training data (the schedule is sized to it). Without data (a restore template, whose
+    schedule length does not matter), ``train.steps`` or 1."""
     t = cfg.train
-    steps, epochs = int(t.steps or 0), float(t.get("epochs", 0) or 0)
-    if steps and epochs:
-        raise ValueError(f"give train.steps ({steps}) or train.epochs ({epochs:g}), not both: set the "
-                         "other to 0")
-    if steps < 0 or epochs < 0:
-        raise ValueError("train.steps and train.epochs must be >= 0")
-    if not epochs:
-        if data is not None and not steps:
-            raise ValueError("the run has no length: set train.steps or train.epochs")
-        return steps or 1
     if data is None:
-        return 1  # only a restore template: the schedule's length does not matter
+        return int(t.steps or 0) or 1
+    if problems := validate.run_length(t):
+        raise ConfigError("; ".join(problems))
+    steps, epochs = int(t.steps or 0), float(t.get("epochs", 0) or 0)
+    if not epochs:
+        return steps
     it = getattr(data.train, "iterator", data.train)
     if not hasattr(it, "steps_per_epoch"):
         raise ValueError(f"train.epochs needs a training iterator with a known epoch length; this run's "
@@ -733,12 +729,9 @@ def _train_probe(cfg, run: Run, workdir: str | None, t0: float) -> dict[str, Any
     if run.checkpointer is not None:
         run.checkpointer.save(1, state, config=cfg.to_dict(), metrics=val, force=True)
         run.checkpointer.close()
-    if workdir and jax.process_index() == 0:  # the loop's log files, for one evaluation
-        history = [{"step": 1, "split": "eval", **checkpoint_lib.to_jsonable(val)}]
-        folder = workdir_lib.path(workdir)
-        workdir_lib.write_text(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        workdir_lib.write_json(folder / "config.json", checkpoint_lib.to_jsonable(cfg), indent=2)
-        workdir_lib.write_bytes(folder / "curves.png", runlog.plot_curves(history))
+    log = runlog.RunLog(workdir, None, cfg.to_dict())  # the loop's log files, for one evaluation
+    log.write({"step": 1, "split": "eval", **checkpoint_lib.to_jsonable(val)})
+    log.close()
     test = loop.evaluate(state, run.eval_step, run.data.test, task=cfg.task,
                          label_names=run.data.label_names, shard_batch=run.shard_batch)
     result = {"test": test, "validation": val, "seconds": time.time() - t0, "steps": 1, "tested_step": 1}

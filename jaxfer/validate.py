@@ -42,6 +42,23 @@ def head(task: str, num_classes: Any) -> None:
                           f"(a single-label classifier needs two classes at least), got {num_classes!r}")
 
 
+def run_length(train) -> list[str]:
+    """What is wrong with the run's length (``train.steps`` or ``train.epochs``, exactly one
+    of them > 0); ``[]`` when nothing is. :func:`jaxfer.experiment.train_steps` sizes it."""
+    problems = []
+    epochs = train.get("epochs", 0)
+    if epochs:  # a length in passes over the data
+        if not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0
+                and math.isfinite(epochs)):
+            problems.append(f"train.epochs must be > 0, got {epochs!r}")
+        elif train.steps:
+            problems.append(f"give train.steps ({train.steps!r}) or train.epochs ({epochs:g}), not both: "
+                            "set the other to 0")
+    elif not _positive_int(train.steps):
+        problems.append(f"train.steps must be > 0, got {train.steps!r} (or give train.epochs > 0)")
+    return problems
+
+
 def config(cfg) -> None:
     """Every value of a recipe that cannot run, in one :class:`ConfigError`."""
     from jaxfer.data.pipeline import source_kind
@@ -57,14 +74,7 @@ def config(cfg) -> None:
         head(cfg.task, m.num_classes)
     except ConfigError as e:
         problems.append(str(e))
-    epochs = t.get("epochs", 0)
-    if epochs:  # a length in passes over the data (experiment.train_steps sizes the schedule)
-        need(isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0
-             and math.isfinite(epochs), f"train.epochs must be > 0, got {epochs!r}")
-        need(not t.steps, f"give train.steps ({t.steps!r}) or train.epochs ({epochs!r}), not both: "
-             "set the other to 0")
-    else:
-        need(_positive_int(t.steps), f"train.steps must be > 0, got {t.steps!r} (or give train.epochs > 0)")
+    problems.extend(run_length(t))
     for key in ("batch_size", "eval_batch_size"):
         need(_positive_int(d[key]), f"data.{key} must be > 0, got {d[key]!r}")
     accumulate = cfg.optim.get("accumulate", 1) or 1

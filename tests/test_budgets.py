@@ -27,7 +27,7 @@ def test_epochs_size_the_run():
     assert experiment.train_steps(_cfg(30, 0.0), d) == 30
     with pytest.raises(ValueError, match=r"train.steps \(30\) or train.epochs \(2\), not both"):
         experiment.train_steps(_cfg(30, 2.0), d)
-    with pytest.raises(ValueError, match="no length"):
+    with pytest.raises(ValueError, match=r"train.steps must be > 0, got 0"):
         experiment.train_steps(_cfg(0, 0.0), d)
 
 
