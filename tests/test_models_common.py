@@ -114,6 +114,30 @@ def test_same_conv_pads_like_tensorflow():
     assert float(y[0, 1, 1, 0]) == float(x[0, 2:, 2:].sum())   # rows/cols 2-3 + one padded
 
 
+@pytest.mark.parametrize("height, width, kernel, stride, bias", [(7, 7, 3, 1, False), (8, 8, 3, 2, True),
+                                                                 (9, 6, 5, 2, False), (10, 10, 5, 1, True)])
+def test_depthwise_conv_is_the_grouped_conv(height, width, kernel, stride, bias):
+    """Same parameters (so key maps load either), same outputs and gradients as flax's
+    grouped ``nn.Conv`` with TF "SAME" padding, odd and even sizes, stride 1 and 2."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, height, width, 6)), jnp.float32)
+    grouped = nn.Conv(6, (kernel, kernel), strides=stride, padding="SAME", feature_group_count=6, use_bias=bias)
+    ours = common.same_conv(6, kernel, stride, groups=6, use_bias=bias, name="c")
+    assert isinstance(ours, common.DepthwiseConv)
+    variables = grouped.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
+    if bias:
+        variables = jax.tree.map(lambda v: v + 0.3, variables)
+    np.testing.assert_allclose(ours.apply(variables, x), grouped.apply(variables, x), atol=1e-5)
+
+    def grads(module):
+        return jax.grad(lambda v, x: (module.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(grouped))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="got 6 input channels"):
+        common.DepthwiseConv(8, (3, 3)).init(jax.random.key(0), x)
+
+
 def test_drop_path_drops_whole_examples_and_rescales():
     x = jnp.ones((1000, 2, 2, 3))
     y = common.drop_path(x, 0.25, deterministic=False, rng=jax.random.key(0))

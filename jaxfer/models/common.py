@@ -27,6 +27,9 @@ and one ``registry.register`` line. Everything below is reused, never copied:
   :func:`adaptive_avg_pool` (``nn.AdaptiveAvgPool2d``), :func:`to_nhwc` / :func:`to_nchw`, :func:`pair`;
 * CNNs, TensorFlow semantics: :func:`same_conv` (``"SAME"``: the extra row/column of
   padding at the bottom/right), :func:`same_avg_pool` (padding not counted);
+* :class:`DepthwiseConv` -- a depthwise conv (``groups == features``) as ``k*k``
+  shifted multiply-adds, which XLA:CPU runs several times faster than a grouped
+  convolution (the parameters of ``nn.Conv``'s, so key maps do not change);
 * :func:`drop_path` (stochastic depth: whole residual branches dropped per example) and
   :class:`DropPath`, the same as a module: an ``nn.Dropout``, so everything that
   switches dropout off (frozen modules in training, AdaBN) switches it off too.
@@ -330,13 +333,70 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | tuple[int, int]) -> jax.A
 
 
 def same_conv(features: int, kernel: int | tuple[int, int], stride: int = 1, *, name: str,
-              groups: int = 1, use_bias: bool = False, kernel_init=KAIMING_FAN_OUT) -> nn.Conv:
+              groups: int = 1, use_bias: bool = False, kernel_init=KAIMING_FAN_OUT) -> nn.Module:
     """``nn.Conv`` with TensorFlow's ``"SAME"`` padding: output ``ceil(n / stride)``, total
     padding ``max((out - 1) * stride + k - n, 0)`` split ``total // 2`` before and the rest
     after -- what TF-trained checkpoints (EfficientNet, Keras) and their PyTorch ports
-    (``Conv2dStaticSamePadding``) compute. ``groups=features`` is a depthwise conv."""
+    (``Conv2dStaticSamePadding``) compute. ``groups=features`` is a depthwise conv
+    (a :class:`DepthwiseConv`: the same parameters and outputs, faster on CPU)."""
+    if groups == features > 1:
+        return DepthwiseConv(features, pair(kernel), pair(stride), use_bias=use_bias, kernel_init=kernel_init,
+                             name=name)
     return nn.Conv(features, pair(kernel), strides=stride, padding="SAME", feature_group_count=groups,
                    use_bias=use_bias, kernel_init=kernel_init, name=name)
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise convolution on NHWC, TF ``"SAME"`` padding: channel ``c`` of the output is
+    ``sum_{i,j} kernel[i, j, 0, c] * x_pad[:, s*h + i, s*w + j, c]``.
+
+    Parameters and outputs are those of ``nn.Conv(features, kernel_size, strides,
+    padding="SAME", feature_group_count=features)`` (``kernel`` ``(kh, kw, 1, C)``,
+    optional ``bias``), so a key map written for one loads the other. The sum is
+    written as ``kh * kw`` strided slices times a per-channel weight, which XLA
+    fuses into one loop; XLA:CPU lowers a grouped convolution to a generic one,
+    3-10x slower forward and 3-9x slower forward + backward at EfficientNet's
+    shapes (``benchmarks/README.md``). ``impl="conv"`` (or any backend but the
+    CPU, with the default ``"auto"``) uses ``lax.conv_general_dilated``.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    use_bias: bool = False
+    kernel_init: Callable = KAIMING_FAN_OUT
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        (kh, kw), (sh, sw), c = self.kernel_size, self.strides, self.features
+        if x.shape[-1] != c:
+            raise ValueError(f"DepthwiseConv({c}) got {x.shape[-1]} input channels (a depthwise conv keeps them)")
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, 1, c), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+        pads = (_same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw))
+        impl = self.impl if self.impl != "auto" else ("shifted" if jax.default_backend() == "cpu" else "conv")
+        if impl == "conv":
+            y = jax.lax.conv_general_dilated(x, kernel, (sh, sw), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                             feature_group_count=c)
+        else:
+            xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+            oh, ow = -(-x.shape[1] // sh), -(-x.shape[2] // sw)
+            y = None
+            for i in range(kh):
+                for j in range(kw):
+                    window = jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (oh - 1) * sh + 1,
+                                                            j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+                    term = window * kernel[i, j, 0]
+                    y = term if y is None else y + term
+        return y + bias if bias is not None else y
 
 
 def same_avg_pool(x: jax.Array, kernel: int, stride: int = 1) -> jax.Array:
