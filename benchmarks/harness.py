@@ -76,7 +76,22 @@ def compiled_step(step: Callable, state: Any, batch: Any) -> tuple[Callable[[], 
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (MB)."""
+    """This process's peak resident set size so far (MB).
+
+    On Linux, ``VmHWM`` of ``/proc/self/status``: the high-water mark of this
+    process's own memory. Not ``getrusage``'s ``ru_maxrss``, which Linux carries
+    across ``fork`` + ``exec`` (the kernel keeps the larger of the parent's RSS at
+    the fork and the child's), so a child started by a 4 GB benchmark process
+    reports at least 4 GB whatever it does -- why both frameworks' columns once
+    came out equal.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
