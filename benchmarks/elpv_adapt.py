@@ -6,18 +6,22 @@ workdir: the real EfficientNet-Lite0, its last two stages and head trained on th
 labelled monocrystalline cells (697 training images) while, for every method but
 ``none`` and ``adabn``, 32 unlabelled polycrystalline training images ride along
 in each step; tested on the 386 polycrystalline test cells (the target) and on
-the 268 monocrystalline ones (the source). The seed changes the head's
-initialisation, the batch order and the augmentation; the split stays the same.
+the 268 monocrystalline ones (the source). The seed draws the 65/10/25 split
+(stratified by grade; the sizes stay the same), the head's initialisation, the
+batch order and the augmentation: a method and source only with the same seed
+see the same cells, and the table pairs them.
 A finished cell (its ``test_metrics.json``) is read back, not run again, so an
 interrupted grid continues where it stopped (``--fresh`` reruns everything).
 
-    python benchmarks/elpv_adapt.py --out runs/elpv_adapt                         # 8 methods x 3 seeds
+    python benchmarks/elpv_adapt.py --out runs/elpv_adapt                         # 8 methods x 5 seeds
     python benchmarks/elpv_adapt.py --out runs/elpv_adapt --seeds 0 1 --methods none dann coral
     python benchmarks/elpv_adapt.py --out /tmp/a --seeds 0 --methods none dann \
         -- --config.train.steps=6 --config.data.image_size=64                   # a quick check
 
 Prints a Markdown table (mean +- standard deviation over seeds of the target
-test accuracy and macro-F1, the source test macro-F1, wall time per run) and
+test accuracy and macro-F1; the mean difference in target macro-F1 from the
+source-only run of the same seed, and in how many seeds it is positive; the
+source test macro-F1; wall time per run) and
 writes it (``table.md``) and every run's numbers (``results.json``) under ``--out``.
 """
 
@@ -80,24 +84,30 @@ def _mean_std(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | seeds | target accuracy | target macro-F1 | source macro-F1 | wall time per run |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | target accuracy | target macro-F1 | paired with source only | source macro-F1 "
+             "| wall time per run |", "|---|---|---|---|---|---|---|"]
+    alone = {r["seed"]: r["target_macro_f1"] for r in rows if r["method"] == "none" and "error" not in r}
     for method in dict.fromkeys(r["method"] for r in rows):
         done = [r for r in rows if r["method"] == method and "error" not in r]
         failed = [r for r in rows if r["method"] == method and "error" in r]
         if not done:
-            lines.append(f"| {WHAT.get(method, method)} (`{method}`) | 0 | failed: {failed[0]['error']} | | | |")
+            lines.append(f"| {WHAT.get(method, method)} (`{method}`) | 0 | failed: {failed[0]['error']} | | | | |")
             continue
+        pairs = [r["target_macro_f1"] - alone[r["seed"]] for r in done if r["seed"] in alone]
+        paired = (f"{statistics.mean(pairs):+.4f}, better in {sum(d > 0 for d in pairs)} of {len(pairs)}"
+                  if pairs and method != "none" else "—")
         lines.append(f"| {WHAT.get(method, method)} (`{method}`) | {len(done)} | "
                      f"{_mean_std([r['target_accuracy'] for r in done])} | "
-                     f"{_mean_std([r['target_macro_f1'] for r in done])} | "
+                     f"{_mean_std([r['target_macro_f1'] for r in done])} | {paired} | "
                      f"{_mean_std([r['source_macro_f1'] for r in done])} | "
                      f"{statistics.mean(r['wall_seconds'] for r in done):.0f} s |")
-    base = next((r for r in rows if r.get("pixel_baseline")), None)
-    if base is not None:
-        p, m = base["pixel_baseline"], base["majority_baseline"]
-        lines.append(f"| no transfer: {p['name']} on the source | — | {p['accuracy']:.4f} | {p['macro_f1']:.4f} | — | — |")
-        lines.append(f"| majority class of the source | — | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | — | — |")
+    bases = [r for r in rows if r["method"] == "none" and r.get("pixel_baseline")]  # one per seed (its split)
+    if bases:
+        name = bases[0]["pixel_baseline"]["name"]
+        for label, key in ((f"no transfer: {name}, fitted on the source", "pixel_baseline"),
+                           ("majority class of the source", "majority_baseline")):
+            lines.append(f"| {label} | {len(bases)} | {_mean_std([r[key]['accuracy'] for r in bases])} | "
+                         f"{_mean_std([r[key]['macro_f1'] for r in bases])} | — | — | — |")
     return "\n".join(lines)
 
 
@@ -105,7 +115,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="workdirs, table.md and results.json go here")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--fresh", action="store_true", help="rerun finished cells too")
     p.add_argument("extra", nargs="*", help="after --: overrides for every run")
     args = p.parse_args()

@@ -25,7 +25,7 @@ the only key that changes between source-only and adapted runs:
     jaxfer train --config configs/effnet_elpv.py:adapt --workdir runs/elpv_mono_poly                  # source only
     jaxfer train --config configs/effnet_elpv.py:adapt --config.adapt.method=dann --workdir runs/elpv_dann
     # cdan, cdan+e, coral, mmd, mcc, adabn: see jaxfer.transfer.adapt.METHODS
-    python benchmarks/elpv_adapt.py --out runs/elpv_adapt   # every method x 3 seeds, the README's table
+    python benchmarks/elpv_adapt.py --out runs/elpv_adapt   # every method x 5 seeds, the README's table
 
 Each run writes, beside checkpoints and metrics, ``confusion_matrix.png`` and
 ``test_predictions.png`` (test images with predicted and true labels). Numbers
