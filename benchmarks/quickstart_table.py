@@ -47,7 +47,7 @@ ROWS = [
     ("bitfit", "biases + head (BitFit)", "bitfit", []),
     ("lpft", "head by L-BFGS, then everything (LP-FT)", "lpft", []),
     ("unfreeze", "gradual unfreezing, top layer first", "unfreeze", []),
-    ("fast", "layers 4-5 + head, cached prefix, 1.5 epochs, length-grouped", "fast", []),
+    ("fast", "layers 4-5 + head, cached prefix, 1.8 epochs, length-grouped", "fast", []),
 ]
 
 

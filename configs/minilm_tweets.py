@@ -23,7 +23,7 @@ frozen features (fitted by L-BFGS on features computed once). ``lora``,
 ``bitfit`` and ``l2sp`` are the parameter-efficient and regularised variants
 (``transfer.*`` keys below, :mod:`jaxfer.transfer.peft`); ``lpft`` and
 ``unfreeze`` train in phases (:mod:`jaxfer.transfer.phases`); ``fast`` is the
-top-2 recipe given a budget: 1.5 epochs on the cached frozen prefix with batches
+top-2 recipe given a budget: 1.8 epochs on the cached frozen prefix with batches
 grouped by length, stopped after ``train.max_seconds`` at the latest.
 Numbers in the README.
 
@@ -67,7 +67,7 @@ RULES = {
     "multitask": TOP2,
     "sentiment_only": TOP2,
     "confidence_only": TOP2,
-    # the budget recipe: top-2 on the cached frozen prefix, 1.5 epochs, batches grouped by length
+    # the budget recipe: top-2 on the cached frozen prefix, 1.8 epochs, batches grouped by length
     "fast": (("bert/encoder/layer/[45]/**", 1.0), ("classifier/**", 1.0), ("**", None)),
 }
 LR = {"full": 1e-4, "top2": 3e-4, "probe": 3e-3, "lora": 1e-3, "bitfit": 3e-3, "l2sp": 1e-4, "lpft": 5e-5,
@@ -123,7 +123,7 @@ def get_config(arg: str = "top2"):
     c.train = ml_collections.ConfigDict()
     fast = arg == "fast"
     c.train.steps = 0 if fast else 300  # optimizer steps; or give train.epochs (and set steps to 0)
-    c.train.epochs = 1.5 if fast else 0.0  # passes over the training data; the lr schedule is sized to it
+    c.train.epochs = 1.8 if fast else 0.0  # passes over the training data; the lr schedule is sized to it
     c.train.max_seconds = 700.0 if fast else 0.0  # stop at an evaluated checkpoint after this long (0: none)
     c.train.eval_every = 0 if fast else 100  # 0: only at the end
     c.train.log_every = 10

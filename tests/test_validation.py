@@ -213,7 +213,7 @@ def test_a_recipe_sized_in_epochs_is_valid_and_steps_or_epochs_is_required():
     from jaxfer import config as config_lib, validate
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "minilm_tweets.py")
-    validate.config(config_lib.load_with_overrides(recipe + ":fast", []))  # steps 0, epochs 1.5
+    validate.config(config_lib.load_with_overrides(recipe + ":fast", []))  # steps 0, epochs 1.8
     validate.config(config_lib.load_with_overrides(recipe + ":top2", [("train.steps", "0"),
                                                                       ("train.epochs", "2.0")]))
     for overrides, message in (
