@@ -34,11 +34,11 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 CONFIG = os.path.join(ROOT, "configs", "effnet_elpv.py") + ":adapt"
 METHODS = ("none", "adabn", "dann", "cdan", "cdan+e", "coral", "mmd", "mcc")
 WHAT = {"none": "source only", "adabn": "AdaBN (target batch-norm statistics)", "dann": "DANN",
@@ -55,15 +55,9 @@ def run_one(method: str, seed: int, out: str, extra: list[str], fresh: bool) -> 
     shutil.rmtree(workdir, ignore_errors=True)
     cmd = [sys.executable, "-m", "jaxfer.cli", "train", "--config", CONFIG, "--workdir", workdir, "--no_progress",
            f"--config.adapt.method={method}", f"--config.seed={seed}", *extra]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    seconds = time.time() - t0
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "stdout.log"), "w") as f:
-        f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"method": method, "seed": seed, "error": " | ".join(tail)}
+    _, seconds, error = harness.run_logged(cmd, workdir, cwd=ROOT)
+    if error:
+        return {"method": method, "seed": seed, "error": error}
     r = json.load(open(metrics_file))
     row = {"method": method, "seed": seed, "target_accuracy": r["test"]["accuracy"],
            "target_macro_f1": r["test"]["macro_f1"], "source_accuracy": r["source_test"]["accuracy"],

@@ -108,6 +108,24 @@ def child_peak_rss(script: str, args: Sequence[str], timeout: float = 1800) -> f
     return float(json.loads(lines[-1])["peak_rss_mb"])
 
 
+def run_logged(cmd: Sequence[str], workdir: str, cwd: str | None = None) -> tuple[subprocess.CompletedProcess, float,
+                                                                                   str | None]:
+    """Run ``cmd`` (a ``jaxfer train ...`` in a fresh process), timed from the outside;
+    its stdout and stderr go to ``workdir/stdout.log``. Returns ``(proc, seconds,
+    error)``: ``error`` is the last three lines of its output joined by `` | `` when it
+    failed, else ``None``."""
+    t0 = time.time()
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, cwd=cwd)
+    seconds = time.time() - t0
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "stdout.log"), "w") as f:
+        f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    error = None
+    if proc.returncode != 0:
+        error = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+    return proc, seconds, error
+
+
 def fmt(x: float | None, spec: str = ".3g") -> str:
     if x is None or (isinstance(x, float) and x != x):
         return "-"

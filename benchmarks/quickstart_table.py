@@ -32,9 +32,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 CONFIG = os.path.join(ROOT, "configs", "minilm_tweets.py")
 
 # (name, what trains / how, variant, overrides)
@@ -73,15 +74,9 @@ def run_row(name: str, variant: str, overrides: list[str], out: str, extra: list
     shutil.rmtree(workdir, ignore_errors=True)  # a fresh run: nothing resumed, no cache reused
     cmd = [sys.executable, "-m", "jaxfer.cli", "train", "--config", f"{CONFIG}:{variant}", "--workdir", workdir,
            "--no_progress", *overrides, *extra]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    seconds = time.time() - t0
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "stdout.log"), "w") as f:
-        f.write(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"name": name, "error": " | ".join(tail), "command": " ".join(cmd[1:])}
+    proc, seconds, error = harness.run_logged(cmd, workdir, cwd=ROOT)
+    if error:
+        return {"name": name, "error": error, "command": " ".join(cmd[1:])}
     result = json.load(open(os.path.join(workdir, "test_metrics.json")))
     trainable = re.search(r"trainable:\s+([\d,]+)", proc.stdout)
     batch = re.search(r"--config.data.batch_size=(\d+)", " ".join(extra))
