@@ -6,12 +6,11 @@ import numpy as np
 import optax
 
 from jaxfer import data, masks, tree
-from jaxfer.models.bert import BertModel
 from jaxfer.models.heads import Classifier, TaskModel
 from jaxfer.models.resnet import ResNetModel
 from jaxfer.models.vit import ViTModel
 from jaxfer.train import TrainState, linen_apply, losses, make_eval_step, make_train_step
-from jaxfer.transfer import batches, features, prefix
+from jaxfer.transfer import batches, prefix
 
 from test_transfer_features import tiny_task_model, token_source
 
