@@ -7,6 +7,8 @@ training report therefore shows, next to the majority-class baseline
 on the same training split and tested on the same test split:
 
 * text: TF-IDF of word 1-2-grams + multinomial logistic regression (scikit-learn);
+  for a multitask recipe, one per task (:func:`task_baselines`; ridge regression
+  for a regression task);
 * images: logistic regression on the pixels, downsampled to ``size x size``
   greyscale and standardised;
 * anything else (or without scikit-learn): skipped, with the reason.
@@ -45,6 +47,58 @@ def text_baseline(train_texts: Sequence[str], train_labels, test_texts: Sequence
     report = metrics.classification_report(test_labels, preds, label_names, num_classes=num_classes)
     report["name"] = "TF-IDF + logistic regression"
     return report
+
+
+def text_regression_baseline(train_texts: Sequence[str], train_targets, test_texts: Sequence[str], test_targets,
+                             *, seed: int = 0) -> dict[str, Any]:
+    """TF-IDF (as :func:`text_baseline`) + ridge regression (alpha 1): ``mse``, ``rmse``, ``mae``, ``r2``."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+
+    keep = _subset(len(train_texts), MAX_TRAIN, seed)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    x = vectorizer.fit_transform([str(train_texts[i]) for i in keep])
+    model = Ridge(alpha=1.0).fit(x, np.asarray(train_targets, np.float64)[keep])
+    preds = model.predict(vectorizer.transform([str(t) for t in test_texts]))
+    report = metrics.regression_report(np.asarray(test_targets, np.float64), preds)
+    report["name"] = "TF-IDF + ridge regression"
+    return report
+
+
+def task_baselines(tasks: Sequence[Any], train_source, test_source, *, text: str = "text",
+                   seed: int = 0) -> dict[str, dict[str, Any]]:
+    """A multitask recipe's baselines: for each task (:class:`jaxfer.tasks.Task`), the text
+    baseline fitted on its own labels (its column ``task.label``; rows without one, ``-100``
+    or NaN, left out of both fit and test): TF-IDF + logistic regression for a
+    classification task, TF-IDF + ridge regression for a regression task, else skipped."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return {t.name: skipped("scikit-learn is not installed (pip install scikit-learn)") for t in tasks}
+    cols, test_cols = getattr(train_source, "columns", None), getattr(test_source, "columns", None)
+    out = {}
+    for t in tasks:
+        if cols is None or test_cols is None or text not in cols or t.label not in cols or t.label not in test_cols:
+            out[t.name] = skipped(f"the text source has no in-memory {text!r} and {t.label!r} columns")
+            continue
+        y, y_test = np.asarray(cols[t.label]), np.asarray(test_cols[t.label])
+        if t.kind == "classification":
+            have, have_test = y >= 0, y_test >= 0
+        elif t.kind == "regression":
+            have, have_test = np.isfinite(y), np.isfinite(y_test)
+        else:
+            out[t.name] = skipped(f"no simple baseline for a {t.kind!r} task")
+            continue
+        if have.sum() < 2 or not have_test.any():
+            out[t.name] = skipped("too few labelled rows")
+            continue
+        x, x_test = np.asarray(cols[text], object)[have], np.asarray(test_cols[text], object)[have_test]
+        if t.kind == "classification":
+            out[t.name] = text_baseline(x, y[have], x_test, y_test[have_test], num_classes=t.num_classes,
+                                        label_names=t.label_names, seed=seed)
+        else:
+            out[t.name] = text_regression_baseline(x, y[have], x_test, y_test[have_test], seed=seed)
+    return out
 
 
 def pixels(source, size: int = 32, limit: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -109,15 +163,23 @@ def non_transfer(kind: str, train_source, test_source, *, num_classes: int, text
 
 
 def verdict(model: dict[str, Any], baseline: dict[str, Any], *, what: str = "the model") -> str | None:
-    """One plain sentence when ``model`` does not beat ``baseline`` on macro-F1 (else ``None``),
-    with what to try."""
-    if "skipped" in baseline or "macro_f1" not in model or "macro_f1" not in baseline:
+    """One plain sentence when ``model`` does not beat ``baseline`` (else ``None``), with what
+    to try: on macro-F1 for classification, on R^2 for regression."""
+    if "skipped" in baseline:
         return None
-    if model["macro_f1"] > baseline["macro_f1"]:
+    if "macro_f1" in model and "macro_f1" in baseline:
+        if model["macro_f1"] > baseline["macro_f1"]:
+            return None
+        numbers = (f"macro-F1 {model['macro_f1']:.4f} vs {baseline['macro_f1']:.4f}; accuracy "
+                   f"{model['accuracy']:.4f} vs {baseline['accuracy']:.4f}")
+    elif "r2" in model and "r2" in baseline:
+        if model["r2"] > baseline["r2"]:
+            return None
+        numbers = f"R^2 {model['r2']:.4f} vs {baseline['r2']:.4f}; RMSE {model['rmse']:.4f} vs {baseline['rmse']:.4f}"
+    else:
         return None
     return (f"WARNING: {what} does not beat the {baseline['name']} baseline trained from nothing on the "
-            f"same split (macro-F1 {model['macro_f1']:.4f} vs {baseline['macro_f1']:.4f}; accuracy "
-            f"{model['accuracy']:.4f} vs {baseline['accuracy']:.4f}): the pretrained start is not helping "
+            f"same split ({numbers}): the pretrained start is not helping "
             f"(negative transfer, or too little training). Try: more steps or more trainable layers "
             f"(the recipe's :full variant), a lower learning rate, the :scratch variant to see what "
             f"pretraining is worth here, or another pretrained model (jaxfer rank --candidates ...).")

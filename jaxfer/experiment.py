@@ -626,6 +626,10 @@ def _finish(cfg, run: Run, workdir: str | None, result: dict[str, Any], state) -
         result["majority_baseline"] = metrics.majority_baseline(
             run.data.train_labels, run.data.test_labels, cfg.model.num_classes)
         result["baseline"] = non_transfer_baseline(cfg, run.data)
+    elif objective.task_list(cfg) is not None and _input_kind(cfg) == "text" and "train_source" in run.data.extra:
+        result["baseline"] = {"tasks": baselines.task_baselines(
+            objective.task_list(cfg), run.data.extra["train_source"], run.data.extra["test_source"],
+            text=cfg.data.get("text", "text"), seed=cfg.seed)}
     _log(format_result(result))
     if workdir and jax.process_index() == 0:
         workdir_lib.write_json(workdir_lib.path(workdir) / "test_metrics.json",
@@ -813,11 +817,24 @@ def generate_texts(cfg, model: Model, params, texts: Sequence[str]) -> list[dict
 # --------------------------------------------------------------- reporting
 def non_transfer_baseline(cfg, data: Data) -> dict[str, Any]:
     """A model fitted from nothing on the same split (:mod:`jaxfer.baselines`)."""
-    d = cfg.data
-    kind = "text" if d.kind in ("csv", "jsonl") else "image" if d.get("image_size") else d.kind
-    return baselines.non_transfer(kind, data.extra["train_source"], data.extra["test_source"],
-                                  num_classes=cfg.model.num_classes, text=d.get("text", "text"),
+    return baselines.non_transfer(_input_kind(cfg), data.extra["train_source"], data.extra["test_source"],
+                                  num_classes=cfg.model.num_classes, text=cfg.data.get("text", "text"),
                                   label_names=data.label_names, seed=cfg.seed)
+
+
+def _input_kind(cfg) -> str:
+    """What the baselines read: ``"text"``, ``"image"`` or the data kind."""
+    d = cfg.data
+    return "text" if d.kind in ("csv", "jsonl") else "image" if d.get("image_size") else d.kind
+
+
+def _baseline_line(label: str, base: dict[str, Any]) -> str:
+    """``label`` and a baseline's numbers (classification or regression), or why it was skipped."""
+    if "skipped" in base:
+        return f"{label} {base['skipped']}"
+    if "macro_f1" in base:
+        return f"{label} accuracy {base['accuracy']:.4f}  macro-F1 {base['macro_f1']:.4f}  ({base['name']}, same split)"
+    return f"{label} R^2 {base['r2']:.4f}  RMSE {base['rmse']:.4f}  ({base['name']}, same split)"
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -825,7 +842,13 @@ def format_result(result: dict[str, Any]) -> str:
     if "tasks" in test:  # multitask: each task's report
         from jaxfer.transfer import multitask
 
-        return f"test:\n{multitask.format_report(test)}"
+        lines = [f"test:\n{multitask.format_report(test)}"]
+        for name, base in (result.get("baseline") or {}).get("tasks", {}).items():
+            lines.append(_baseline_line(f"no-transfer baseline [{name}]:", base))
+            warning = baselines.verdict(test["tasks"].get(name, {}), base, what=f"the model's {name!r} head")
+            if warning:
+                lines.append(warning)
+        return "\n".join(lines)
     lines = [f"test: {metrics.format_report(test)}"]
     if "source_test" in result:  # domain adaptation: "test" is the target domain's
         src = result["source_test"]
@@ -835,10 +858,7 @@ def format_result(result: dict[str, Any]) -> str:
     if base is not None:
         lines.append(f"majority-class baseline: accuracy {base['accuracy']:.4f}  "
                      f"macro-F1 {base['macro_f1']:.4f}")
-        simple = result.get("baseline") or baselines.skipped("not computed")
-        lines.append(f"no-transfer baseline:    {simple['skipped']}" if "skipped" in simple else
-                     f"no-transfer baseline:    accuracy {simple['accuracy']:.4f}  macro-F1 "
-                     f"{simple['macro_f1']:.4f}  ({simple['name']}, same split)")
+        lines.append(_baseline_line("no-transfer baseline:   ", result.get("baseline") or baselines.skipped("not computed")))
         lines.append(f"model:                   accuracy {test['accuracy']:.4f}  "
                      f"macro-F1 {test['macro_f1']:.4f}  (checkpoint of step {result['tested_step']} "
                      f"of {result['steps']}, best on validation; {result['seconds']:.0f} s in all)")

@@ -32,3 +32,27 @@ def test_image_baseline_on_pixels(tmp_path):
     train, test = jf.data.split_source(src, (0.5, 0.5), seed=0)
     report = baselines.non_transfer("image", train, test, num_classes=2, label_names=src.label_names)
     assert report["accuracy"] == 1.0 and report["name"] == "logistic regression on 32x32 pixels"
+
+
+def test_task_baselines_fit_each_task_on_its_own_labelled_rows():
+    from jaxfer import tasks
+
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "fine"]
+    texts = np.array([" ".join(rng.choice(["the", "a", "day", "is"], 3)) + f" {words[i % 3]} {words[i % 3]}"
+                      for i in range(90)], object)
+    cls = np.array([i % 3 for i in range(90)], np.int64)
+    cls[::10] = -100  # no label for this task on these rows
+    reg = np.array([float(i % 3) + rng.normal(0, 0.1) for i in range(90)], np.float32)
+    reg[1::7] = np.nan
+    train = jf.data.from_arrays({"text": texts[:60], "cls": cls[:60], "reg": reg[:60]})
+    test = jf.data.from_arrays({"text": texts[60:], "cls": cls[60:], "reg": reg[60:]})
+    rows = (tasks.Task("cls", "classification", 3), tasks.Task("reg", "regression", 1),
+            tasks.Task("tags", "multi_label", 2))
+    out = baselines.task_baselines(rows, train, test)
+    assert out["cls"]["accuracy"] == 1.0 and out["cls"]["num_examples"] == int((cls[60:] >= 0).sum())
+    assert out["reg"]["r2"] > 0.9 and out["reg"]["num_examples"] == int(np.isfinite(reg[60:]).sum())
+    assert "skipped" in out["tags"]
+    # the verdict compares R^2 for regression
+    assert "R^2 0.1000 vs" in baselines.verdict({"r2": 0.1, "rmse": 1.0}, out["reg"], what="the head")
+    assert baselines.verdict({"r2": 0.999, "rmse": 0.0}, out["reg"]) is None

@@ -95,7 +95,12 @@ def test_minilm_tweets_multitask(text_stand_ins, tmp_path, capsys):
     assert cli.main(["train", *args, *SHORT]) == 0
     out = capsys.readouterr().out
     assert "[sentiment]" in out and "[confidence]" in out
-    test = json.load(open(tmp_path / "run" / "test_metrics.json"))["test"]
+    # each head beside its own baseline from nothing, on the rows that have its label
+    assert "no-transfer baseline [sentiment]: accuracy" in out and "TF-IDF + logistic regression" in out
+    assert "no-transfer baseline [confidence]: R^2" in out and "TF-IDF + ridge regression" in out
+    saved = json.load(open(tmp_path / "run" / "test_metrics.json"))
+    assert saved["baseline"]["tasks"]["sentiment"]["num_examples"] == 20
+    test = saved["test"]
     assert test["sentiment/num_examples"] == test["confidence/num_examples"] == 20
     assert set(test["tasks"]["sentiment"]["per_class"]) == {"negative", "neutral", "positive"}
     evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
