@@ -61,8 +61,10 @@ class Case:
         if mode == "head":
             return [("classifier/**", 1.0), ("**", None)]
         if mode in ("top2", "prefix"):
-            top = self.layer_pattern.replace(r"(\d+)", f"[{self.num_layers - 2}{self.num_layers - 1}]")
-            return [(top.rstrip("/") + "/**", 1.0), *[(g, 1.0) for g in self.above], ("**", None)]
+            # one rule per layer: a glob class such as "[1011]" would match layers 0, 1, 10 and 11
+            top = [self.layer_pattern.replace(r"(\d+)", str(i)).rstrip("/") + "/**"
+                   for i in (self.num_layers - 2, self.num_layers - 1)]
+            return [*[(g, 1.0) for g in top], *[(g, 1.0) for g in self.above], ("**", None)]
         if mode == "lora":
             return [("lora/**", 1.0), ("classifier/**", 1.0), ("**", None)]
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
