@@ -33,17 +33,35 @@ def _subset(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit]) if n > limit else np.arange(n)
 
 
-def text_baseline(train_texts: Sequence[str], train_labels, test_texts: Sequence[str], test_labels, *,
-                  num_classes: int, label_names: Sequence[str] | None = None, seed: int = 0) -> dict[str, Any]:
-    """TF-IDF (word 1-2-grams, sublinear tf, min_df 2) + logistic regression (C = 1)."""
+def _tfidf(train_texts: Sequence[str], test_texts: Sequence[str], seed: int):
+    """``(keep, x, x_test)``: the text baselines' features -- TF-IDF of word 1-2-grams
+    (sublinear tf, min_df 2) fitted on the train rows ``keep`` (a seeded subset past
+    ``MAX_TRAIN``), for those rows and for every test text."""
     from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
 
     keep = _subset(len(train_texts), MAX_TRAIN, seed)
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     x = vectorizer.fit_transform([str(train_texts[i]) for i in keep])
+    return keep, x, vectorizer.transform([str(t) for t in test_texts])
+
+
+def _sklearn_missing() -> dict[str, Any] | None:
+    """A skipped baseline when scikit-learn is not installed, else ``None``."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return skipped("scikit-learn is not installed (pip install scikit-learn)")
+    return None
+
+
+def text_baseline(train_texts: Sequence[str], train_labels, test_texts: Sequence[str], test_labels, *,
+                  num_classes: int, label_names: Sequence[str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """TF-IDF (word 1-2-grams, sublinear tf, min_df 2) + logistic regression (C = 1)."""
+    from sklearn.linear_model import LogisticRegression
+
+    keep, x, x_test = _tfidf(train_texts, test_texts, seed)
     model = LogisticRegression(max_iter=2000, C=1.0).fit(x, np.asarray(train_labels)[keep])
-    preds = model.predict(vectorizer.transform([str(t) for t in test_texts]))
+    preds = model.predict(x_test)
     report = metrics.classification_report(test_labels, preds, label_names, num_classes=num_classes)
     report["name"] = "TF-IDF + logistic regression"
     return report
@@ -52,14 +70,11 @@ def text_baseline(train_texts: Sequence[str], train_labels, test_texts: Sequence
 def text_regression_baseline(train_texts: Sequence[str], train_targets, test_texts: Sequence[str], test_targets,
                              *, seed: int = 0) -> dict[str, Any]:
     """TF-IDF (as :func:`text_baseline`) + ridge regression (alpha 1): ``mse``, ``rmse``, ``mae``, ``r2``."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import Ridge
 
-    keep = _subset(len(train_texts), MAX_TRAIN, seed)
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    x = vectorizer.fit_transform([str(train_texts[i]) for i in keep])
+    keep, x, x_test = _tfidf(train_texts, test_texts, seed)
     model = Ridge(alpha=1.0).fit(x, np.asarray(train_targets, np.float64)[keep])
-    preds = model.predict(vectorizer.transform([str(t) for t in test_texts]))
+    preds = model.predict(x_test)
     report = metrics.regression_report(np.asarray(test_targets, np.float64), preds)
     report["name"] = "TF-IDF + ridge regression"
     return report
@@ -71,10 +86,8 @@ def task_baselines(tasks: Sequence[Any], train_source, test_source, *, text: str
     baseline fitted on its own labels (its column ``task.label``; rows without one, ``-100``
     or NaN, left out of both fit and test): TF-IDF + logistic regression for a
     classification task, TF-IDF + ridge regression for a regression task, else skipped."""
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        return {t.name: skipped("scikit-learn is not installed (pip install scikit-learn)") for t in tasks}
+    if missing := _sklearn_missing():
+        return {t.name: missing for t in tasks}
     cols, test_cols = getattr(train_source, "columns", None), getattr(test_source, "columns", None)
     out = {}
     for t in tasks:
@@ -139,10 +152,8 @@ def skipped(why: str) -> dict[str, Any]:
 def non_transfer(kind: str, train_source, test_source, *, num_classes: int, text: str = "text",
                  label_names: Sequence[str] | None = None, seed: int = 0) -> dict[str, Any]:
     """The baseline for a recipe's input ``kind`` (``"text"`` or ``"image"``), or why there is none."""
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        return skipped("scikit-learn is not installed (pip install scikit-learn)")
+    if missing := _sklearn_missing():
+        return missing
     if kind == "text":
         cols = getattr(train_source, "columns", None)
         test_cols = getattr(test_source, "columns", None)

@@ -621,20 +621,21 @@ def _finish(cfg, run: Run, workdir: str | None, result: dict[str, Any], state) -
     figures of the tested ``state``)."""
     test = result["test"]
     classes = cfg.task == "classification" or run.data.class_targets is not None  # label words: classes too
-    if (classes and objective.task_list(cfg) is None
+    task_rows = objective.task_list(cfg)
+    if (classes and task_rows is None
             and run.data.train_labels is not None and run.data.test_labels is not None):
         result["majority_baseline"] = metrics.majority_baseline(
             run.data.train_labels, run.data.test_labels, cfg.model.num_classes)
         result["baseline"] = non_transfer_baseline(cfg, run.data)
-    elif objective.task_list(cfg) is not None and _input_kind(cfg) == "text" and "train_source" in run.data.extra:
+    elif task_rows is not None and _input_kind(cfg) == "text" and "train_source" in run.data.extra:
         result["baseline"] = {"tasks": baselines.task_baselines(
-            objective.task_list(cfg), run.data.extra["train_source"], run.data.extra["test_source"],
+            task_rows, run.data.extra["train_source"], run.data.extra["test_source"],
             text=cfg.data.get("text", "text"), seed=cfg.seed)}
     _log(format_result(result))
     if workdir and jax.process_index() == 0:
         workdir_lib.write_json(workdir_lib.path(workdir) / "test_metrics.json",
                                checkpoint_lib.to_jsonable(result))
-        if ("image_size" in run.data.options and "confusion_matrix" in test and objective.task_list(cfg) is None
+        if ("image_size" in run.data.options and "confusion_matrix" in test and task_rows is None
                 and jax.process_count() == 1 and run.cache is None):  # (a cached eval step needs cached rows)
             write_image_figures(run, state, workdir, test)
     return result
