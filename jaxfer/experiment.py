@@ -26,9 +26,8 @@ from jaxfer import baselines, deploy, generation, masks, metrics, objective, opt
 from jaxfer import workdir as workdir_lib
 from jaxfer import data as data_lib
 from jaxfer.errors import ConfigError
-from jaxfer.models import heads
 from jaxfer.train import checkpoint as checkpoint_lib
-from jaxfer.train import loop, losses, parallel, runlog, step as step_lib
+from jaxfer.train import loop, parallel, runlog, step as step_lib
 from jaxfer.train.state import TrainState, cast_frozen
 from jaxfer.transfer import caching
 from jaxfer.transfer import peft as peft_lib
