@@ -17,8 +17,8 @@ Recipes on the same data, chosen by the argument after the colon:
     jaxfer train --config configs/minilm_tweets.py:fast   --workdir runs/fast    # the budget recipe
 
 ``top2`` (the default) trains the top two encoder layers and the head: on 2
-CPU cores it takes about half the time of ``full`` (everything trains) and
-comes within 0.3 points of its accuracy; ``probe`` trains only the head on
+CPU cores it takes about half the time of ``full`` (everything trains) for the
+same 300 steps and is as accurate (0.7798 vs 0.7744 test accuracy); ``probe`` trains only the head on
 frozen features (fitted by L-BFGS on features computed once). ``lora``,
 ``bitfit`` and ``l2sp`` are the parameter-efficient and regularised variants
 (``transfer.*`` keys below, :mod:`jaxfer.transfer.peft`); ``lpft`` and
