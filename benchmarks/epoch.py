@@ -129,8 +129,9 @@ def run_jax(args, grouped: bool) -> dict:
     train_src = data.from_arrays({"text": np.array(train_x, object), "label": train_y})
     test_src = data.from_arrays({"text": np.array(test_x, object), "label": test_y})
     common = dict(tokenizer=tok, max_length=args.max_length, seed=args.seed)
+    buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else "auto"
     train = data.make_pipeline(train_src, global_batch_size=args.batch, train=True, num_epochs=1,
-                               group_by_length=grouped, **common)
+                               group_by_length=grouped, length_buckets=buckets, **common)
     test = data.make_pipeline(test_src, global_batch_size=128, train=False, **common)
     t2 = time.perf_counter()
     tx = jf.optim.build(optax.adamw(args.lr, weight_decay=0.01))
@@ -159,6 +160,8 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None, help="train on the first N training tweets only")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test tweets only")
     p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--buckets", default="", help="jax runs: training length buckets, e.g. 16,24,32,40,48 "
+                   "(default: make_pipeline's 16 / 32 / 48)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
