@@ -18,13 +18,15 @@ Recipes on the same data, chosen by the argument after the colon:
 
 ``top2`` (the default) trains the top two encoder layers and the head: on 2
 CPU cores it takes about half the time of ``full`` (everything trains) for the
-same 300 steps and is as accurate (0.7798 vs 0.7744 test accuracy); ``probe`` trains only the head on
-frozen features (fitted by L-BFGS on features computed once). ``lora``,
+same 300 steps and is as accurate (0.7798 vs 0.7744 test accuracy); ``probe``
+trains only the head on frozen features (fitted by L-BFGS on features computed
+once). ``lora``,
 ``bitfit`` and ``l2sp`` are the parameter-efficient and regularised variants
 (``transfer.*`` keys below, :mod:`jaxfer.transfer.peft`); ``lpft`` and
 ``unfreeze`` train in phases (:mod:`jaxfer.transfer.phases`); ``fast`` is the
 top-2 recipe given a budget: 1.8 epochs on the cached frozen prefix with batches
-grouped by length, its lr chosen on validation, stopped after ``train.max_seconds`` at the latest.
+grouped by length, its lr chosen on validation, stopped after
+``train.max_seconds`` at the latest.
 Numbers in the README.
 
 ``scratch`` is ``full`` from a random initialisation (same architecture, same
@@ -72,7 +74,8 @@ RULES = {
 }
 LR = {"full": 1e-4, "top2": 3e-4, "probe": 3e-3, "lora": 1e-3, "bitfit": 3e-3, "l2sp": 1e-4, "lpft": 5e-5,
       "unfreeze": 1e-4, "scratch": 1e-4,
-      # :fast's lr chosen on validation macro-F1 at 1.8 epochs (2e-4 0.7929, 3e-4 0.7943, 4.5e-4 0.8003, 6e-4 0.7929)
+      # :fast's lr, chosen on validation macro-F1 at 1.8 epochs:
+      # 2e-4 0.7929, 3e-4 0.7943, 4.5e-4 0.8003, 6e-4 0.7929
       "fast": 4.5e-4}
 # LoRA r=8, alpha=16 on every kernel of the encoder layers (attention and MLP)
 LORA_RULES = (("bert/encoder/layer/*/**/kernel", 8, 16.0),)
