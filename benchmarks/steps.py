@@ -54,7 +54,8 @@ class NotExact(RuntimeError):
 
 
 # ---------------------------------------------------------------------- jax
-def jax_step(case: families.Case, mode: str, dtype: str = "float32") -> harness.Runner:
+def jax_step(case: families.Case, mode: str, dtype: str = "float32",
+             dropout_rng: str = "threefry") -> harness.Runner:
     variables = jax.jit(case.model.init)(jax.random.key(0), **case.init_inputs)
     params, model_state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     batch = dict(case.batch)
@@ -74,7 +75,8 @@ def jax_step(case: families.Case, mode: str, dtype: str = "float32") -> harness.
     tx = optim.build(optax.adamw(LR, weight_decay=0.01), rules)
     state = TrainState.create(params, tx, rng=0, model_state=model_state)
     kwargs = {"compute_dtype": jnp.dtype(dtype)} if dtype != "float32" else {}
-    step = make_train_step(apply_fn, losses.softmax_cross_entropy(), tx, trainable, **kwargs)
+    step = make_train_step(apply_fn, losses.softmax_cross_entropy(), tx, trainable, dropout_rng=dropout_rng,
+                           **kwargs)
     run, info = harness.compiled_step(step, state, jax.device_put(batch))
     n_trainable = sum(int(np.size(x)) for x, t in zip(jax.tree_util.tree_leaves(params),
                                                       jax.tree_util.tree_leaves(trainable)) if t)
@@ -150,7 +152,7 @@ def family_table(name: str, args) -> str:
     notes = []
     for mode in modes:
         try:
-            j = jax_step(case, mode, args.dtype)
+            j = jax_step(case, mode, args.dtype, args.dropout_rng)
         except NotExact as e:  # e.g. top2 of a 2-layer model: nothing below to cache
             notes.append(f"{mode}: not run, {e}")
             continue
@@ -196,7 +198,7 @@ def family_table(name: str, args) -> str:
                      f"{j.info['compile_s']:.1f}"])
     title = (f"### {case.label}, {args.dtype}; median of {args.steps} interleaved steps after {args.warmup}"
              f" ({'CPU time / ' + str(threads) + ' threads' if args.clock == 'cpu' else 'wall time'})")
-    foot = (f"matmul {n}x{n}x{n} {args.dtype} in this run: jax {rate['jax'] / 1e9:.0f} GFLOP/s"
+    foot = (f"jaxfer dropout bits: {args.dropout_rng}; matmul {n}x{n}x{n} {args.dtype} in this run: jax {rate['jax'] / 1e9:.0f} GFLOP/s"
             + ("" if args.no_torch else f", torch {rate['torch'] / 1e9:.0f} GFLOP/s"))
     if "prefix" in rows:
         foot += "; prefix: torch column = its top2 step (no cache in the PyTorch way)"
@@ -207,7 +209,7 @@ def child(args) -> None:
     """Build and run one step in this fresh process; print its peak RSS."""
     name, mode, fw = args.child
     case = build_case(name, args)
-    r = (jax_step if fw == "jax" else torch_step)(case, mode, args.dtype)
+    r = jax_step(case, mode, args.dtype, args.dropout_rng) if fw == "jax" else torch_step(case, mode, args.dtype)
     for _ in range(3):
         r.run()
     print(json.dumps({"peak_rss_mb": harness.peak_rss_mb()}))
@@ -220,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dropout-rng", default="threefry", choices=("threefry", "hash"),
+                   help="jaxfer's dropout bits (make_train_step(dropout_rng=...))")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     p.add_argument("--matmul-n", type=int, default=None)

@@ -3,7 +3,6 @@
 becomes "best", and no checkpoint holding a non-finite value is ever written."""
 
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -12,7 +11,6 @@ import numpy as np
 import optax
 import pytest
 
-from jaxfer import tree
 from jaxfer.data.iterators import EvalBatches, TrainIterator
 from jaxfer.data.sources import from_arrays
 from jaxfer.errors import NonFiniteError
@@ -171,3 +169,20 @@ def test_eval_with_nonfinite_loss_is_not_saved_as_best(tmp_path):
         ckpt.save(3, state, metrics={"accuracy": 0.4, "loss": 1.2})
         ckpt.wait()
         assert ckpt.best_step() == 1 and ckpt.all_steps() == [1, 3]
+
+
+def test_all_finite_sees_one_nan_or_inf_anywhere_in_any_leaf():
+    """The guard's reduction (sum of x * 0) must carry a lone NaN through, at any position and size
+    (a max of |x| misses some on XLA:CPU), and must not overflow on large finite values."""
+    from jaxfer.train.step import _all_finite
+
+    check = jax.jit(_all_finite)
+    big = np.full((384 * 384,), 3e38, np.float32)
+    assert bool(check({"a": big, "b": jnp.ones((3,), jnp.bfloat16), "i": jnp.arange(4)}))
+    for n in (1, 7, 1000, 384 * 384):
+        for pos in sorted({0, n // 2, n - 1}):
+            for value in (np.nan, np.inf, -np.inf):
+                x = np.ones((n,), np.float32)
+                x[pos] = value
+                assert not bool(check({"a": jnp.ones((5,)), "b": x})), (n, pos, value)
+    assert not bool(check([jnp.asarray([1.0, np.nan], jnp.bfloat16)]))

@@ -26,6 +26,7 @@ The non-finite guard (``skip_nonfinite=True``, the default): when the loss, a
 gradient, an update, the new params, the new optimizer state (e.g. Adam's second
 moment, which overflows to inf while the gradient is finite) or the new model
 state (batch statistics) is not finite,
+or when the gradients' squared global norm overflows (where ``g**2`` may),
 the step keeps the old params, optimizer state and model state (bit-identical;
 the batch is still consumed: ``step`` and ``rng`` advance) and reports
 ``metrics["nonfinite"] = 1``. :func:`jaxfer.train.loop.fit` stops the run after
@@ -47,11 +48,13 @@ import optax
 from jaxfer import tree
 from jaxfer.models.heads import train_kwarg
 from jaxfer.train.losses import LossFn
+from jaxfer.train.rng import dropout_key
 from jaxfer.train.state import TrainState
 
 PyTree = Any
 ApplyFn = Callable[..., tuple[dict, dict]]
 # what Hugging Face style backbones take; anything else in a batch (label, mask) is not a model input
+DROPOUT_RNGS = ("threefry", "hash")
 DEFAULT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
                       "pixel_values", "input_values")
 _NOT_INPUTS = {"self", "train", "deterministic", "rngs", "mutable", "method"}
@@ -240,10 +243,16 @@ def _sync_model_state(model_state: PyTree, frozen_modules: frozenset[str], axis_
 
 
 def _all_finite(values: PyTree) -> jax.Array:
-    """True when every float leaf of ``values`` is finite (a scalar bool)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(values)
+    """True when every float leaf of ``values`` is finite (a scalar bool).
+
+    As ``isfinite(sum_leaves sum(x * 0))``: ``x * 0`` is 0 for a finite ``x`` and NaN
+    for inf or NaN, and a sum carries NaN through. One fused multiply-reduce per leaf,
+    about half the time of ``all(isfinite(x))`` on XLA:CPU, which materialises the
+    boolean array before reducing it (a max of ``|x|`` is cheaper still but does not
+    carry NaN through on XLA:CPU)."""
+    leaves = [jnp.sum(x * jnp.zeros((), x.dtype)) for x in jax.tree_util.tree_leaves(values)
               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    return jnp.isfinite(sum(leaves)) if leaves else jnp.asarray(True)
 
 
 def _where(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -278,7 +287,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
                     lr_schedule: optax.Schedule | None = None, axis_name: str | None = None,
                     jit: bool = True, donate: bool = True, frozen_batch_norm: bool = True,
                     frozen_dropout: bool = True, adapted: Sequence[str] = (), skip_nonfinite: bool = True,
-                    compute_dtype: Any = None,
+                    compute_dtype: Any = None, dropout_rng: str = "threefry",
                     state_sharding: Any = None, batch_sharding: Any = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)``.
@@ -312,6 +321,10 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
         params and float model inputs cast to it (mixed precision), while the
         params, their gradients and the optimizer state stay in their own dtype
         (float32 master weights); outputs are cast back to float32 for the loss.
+      dropout_rng: ``"threefry"`` (JAX's default) or ``"hash"``: the per-step dropout
+        key becomes a :data:`jaxfer.train.rng.HASH_IMPL` key with the same data, whose
+        bits are a counter hash (about 12% off a MiniLM-size CPU step); ``state.rng``
+        stays a threefry key either way.
       state_sharding / batch_sharding: ``in_shardings``/``out_shardings`` for ``jax.jit``.
 
     Gradients are taken only for the trainable partition. The optimizer still
@@ -328,6 +341,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    if dropout_rng not in DROPOUT_RNGS:
+        raise ValueError(f"dropout_rng must be one of {DROPOUT_RNGS}, got {dropout_rng!r}")
     mask_tree = None if trainable is None else jax.tree_util.tree_map(bool, trainable)
     status = module_status(mask_tree, adapted) if mask_tree is not None else {}
     frozen_bn = frozenset(m for m, f in status.items() if f) if frozen_batch_norm else frozenset()
@@ -339,6 +354,8 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
                              f"{sorted(set(tree.paths(mask)) ^ set(tree.paths(state.params)))[:10]}")
         trainable_params, frozen_params = tree.partition(state.params, mask)
         rng, step_rng = jax.random.split(state.rng)
+        if dropout_rng == "hash":
+            step_rng = dropout_key(step_rng)
 
         def summed_loss(trainable_params, model_state, chunk, rng):
             params, inputs = _compute_in(compute_dtype, tree.merge(trainable_params, frozen_params), chunk)
@@ -387,14 +404,18 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
         trainable_updates, _ = tree.partition(updates, mask)
         new_trainable = optax.apply_updates(trainable_params, trainable_updates)
         # adam's second moment overflows (g**2 = inf) while g and the update stay finite
-        finite = _all_finite((loss_sum, grads, trainable_updates, new_trainable, opt_state, model_state))
+        # the gradients are checked through their squared norm (which the metrics need anyway;
+        # it overflows exactly when some g**2 may, i.e. when Adam's second moment would), the
+        # updates through the new params (old + update is finite only when the update is)
+        grad_sq = optax.tree.norm(grads, squared=True)
+        finite = jnp.isfinite(grad_sq) & _all_finite((loss_sum, new_trainable, opt_state, model_state))
         if skip_nonfinite:  # keep the old values; frozen leaves are untouched either way
             new_trainable, opt_state, model_state = _where(
                 finite, (new_trainable, opt_state, model_state),
                 (trainable_params, state.opt_state, state.model_state))
         params = tree.merge(new_trainable, frozen_params)
 
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "examples": examples,
+        metrics = {"loss": loss_sum / denom, "grad_norm": jnp.sqrt(grad_sq), "examples": examples,
                    "nonfinite": 1.0 - finite.astype(jnp.float32)}
         if lr_schedule is not None:
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
