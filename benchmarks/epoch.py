@@ -15,12 +15,17 @@ texts truncated at 48 tokens. Each run is a fresh process (same environment):
 * ``jax-grouped`` -- the same with ``group_by_length=True`` (batches of similar
   lengths: far less padding; a different batch composition).
 
+The jax runs call ``jaxfer.reuse_host_memory()`` first, as the ``jaxfer`` command
+does (``--reuse-host-memory all`` gives the PyTorch way the same, ``none`` neither);
+``--dropout-rng hash`` gives them ``make_train_step(dropout_rng="hash")``.
+
 Reported: seconds to load the model, to tokenise, to train the epoch (jax: its
 compiles included -- one per bucket shape met), to evaluate the test split; the
 mean padded length of a training batch; test accuracy and macro-F1.
 
     python benchmarks/epoch.py                          # all three, ~10-20 min on 2 cores
     python benchmarks/epoch.py --runs jax --limit 2000  # a quick look
+    python benchmarks/epoch.py --runs torch,jax-grouped --buckets 16,20,24,28,32,36,40,44,48 --dropout-rng hash
 """
 
 from __future__ import annotations
@@ -136,7 +141,8 @@ def run_jax(args, grouped: bool) -> dict:
     t2 = time.perf_counter()
     tx = jf.optim.build(optax.adamw(args.lr, weight_decay=0.01))
     apply_fn, loss_fn = jf.model_apply(model), jf.losses.softmax_cross_entropy()
-    step, eval_step = jf.make_train_step(apply_fn, loss_fn, tx), jf.make_eval_step(apply_fn, loss_fn)
+    step = jf.make_train_step(apply_fn, loss_fn, tx, dropout_rng=args.dropout_rng)
+    eval_step = jf.make_eval_step(apply_fn, loss_fn)
     state = jf.TrainState.create(model.params, tx, rng=args.seed, copy=False)
     order, bs = train.order(0), args.batch  # the padded length of every training batch
     lengths = [train.buckets.size_for(order[i * bs:(i + 1) * bs]) for i in range(train.steps_per_epoch)]
@@ -162,12 +168,22 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--buckets", default="", help="jax runs: training length buckets, e.g. 16,24,32,40,48 "
                    "(default: make_pipeline's 16 / 32 / 48)")
+    p.add_argument("--dropout-rng", default="threefry", choices=("threefry", "hash"),
+                   help="jax runs: make_train_step(dropout_rng=...)")
+    p.add_argument("--reuse-host-memory", default="jax", choices=("jax", "all", "none"),
+                   help="runs that call jaxfer.reuse_host_memory() first (the jaxfer command does; "
+                   "'all' gives the PyTorch way the same)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
+        if args.reuse_host_memory == "all" or (args.reuse_host_memory == "jax" and args.child != "torch"):
+            from jaxfer.train.hostmem import reuse_host_memory
+
+            if not reuse_host_memory():
+                print("# reuse_host_memory: not applied (not glibc, or turned off)", file=sys.stderr)
         out = run_torch(args) if args.child == "torch" else run_jax(args, grouped=args.child == "jax-grouped")
         print(json.dumps(out))
         return
@@ -175,7 +191,9 @@ def main(argv=None) -> None:
 
     print(machine.describe())
     print(f"# quickstart train split{f' (first {args.limit})' if args.limit else ''}, one epoch, batch {args.batch}, "
-          f"AdamW lr {args.lr}, max {args.max_length} tokens, full fine-tuning; each run a fresh process\n")
+          f"AdamW lr {args.lr}, max {args.max_length} tokens, full fine-tuning; each run a fresh process; "
+          f"jaxfer dropout bits: {args.dropout_rng}; host memory reused (jaxfer.reuse_host_memory) in: "
+          f"{ {'jax': 'the jax runs', 'all': 'every run', 'none': 'no run'}[args.reuse_host_memory]}\n")
     results = {}
     for run in [r for r in args.runs.split(",") if r]:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", run, *(argv if argv is not None else sys.argv[1:])]

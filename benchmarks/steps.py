@@ -198,7 +198,8 @@ def family_table(name: str, args) -> str:
                      f"{j.info['compile_s']:.1f}"])
     title = (f"### {case.label}, {args.dtype}; median of {args.steps} interleaved steps after {args.warmup}"
              f" ({'CPU time / ' + str(threads) + ' threads' if args.clock == 'cpu' else 'wall time'})")
-    foot = (f"jaxfer dropout bits: {args.dropout_rng}; matmul {n}x{n}x{n} {args.dtype} in this run: jax {rate['jax'] / 1e9:.0f} GFLOP/s"
+    foot = (f"jaxfer dropout bits: {args.dropout_rng}; host memory reused (both): "
+            f"{'yes' if args.reuse_host_memory else 'no'}; matmul {n}x{n}x{n} {args.dtype} in this run: jax {rate['jax'] / 1e9:.0f} GFLOP/s"
             + ("" if args.no_torch else f", torch {rate['torch'] / 1e9:.0f} GFLOP/s"))
     if "prefix" in rows:
         foot += "; prefix: torch column = its top2 step (no cache in the PyTorch way)"
@@ -222,6 +223,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="call jaxfer.reuse_host_memory() first (as the jaxfer command does); it holds for "
+                   "the whole process, so for both frameworks")
     p.add_argument("--dropout-rng", default="threefry", choices=("threefry", "hash"),
                    help="jaxfer's dropout bits (make_train_step(dropout_rng=...))")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
@@ -246,6 +250,10 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     args.argv = [a for a in argv if a != "--rss"]
     args.modes = [m for m in args.modes.split(",") if m]
+    if args.reuse_host_memory:
+        from jaxfer.train.hostmem import reuse_host_memory
+
+        args.reuse_host_memory = reuse_host_memory()
     if not args.no_torch:
         import torch
 

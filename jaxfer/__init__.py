@@ -1,6 +1,7 @@
 """jaxfer: functional transfer learning for JAX and Flax.
 
     import jaxfer as jf
+    jf.reuse_host_memory()  # on CPUs, before any computation: see jaxfer.train.hostmem
 
     model = jf.load("path/or/hub-id", head=jf.heads.Classifier(num_classes=3))
     rules = [("classifier/**", 1.0), ("bert/encoder/layer/[45]/**", 0.5), ("**", None)]
@@ -21,6 +22,7 @@ from jaxfer.models import heads
 from jaxfer.models.feature_maps import feature_maps
 from jaxfer.train import checkpoint, losses, parallel
 from jaxfer.train.checkpoint import Checkpointer
+from jaxfer.train.hostmem import reuse_host_memory
 from jaxfer.train.loop import evaluate, fit, predict
 from jaxfer.train.state import TrainState
 from jaxfer.train.step import linen_apply, make_eval_step, make_train_step, model_apply
@@ -32,6 +34,6 @@ __all__ = [
     "Checkpointer", "Model", "TrainState", "checkpoint", "config", "data", "deploy", "evaluate", "explain",
     "export", "feature_maps", "fit", "generate", "generation", "heads", "init_model", "linen_apply", "load",
     "losses", "make_eval_step", "make_train_step", "masks", "metrics", "model_apply", "optim", "parallel", "predict",
-    "save", "surgery", "tasks", "tree",
+    "reuse_host_memory", "save", "surgery", "tasks", "tree",
 ]
 __version__ = "0.1.0"

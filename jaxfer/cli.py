@@ -119,6 +119,9 @@ def _show_progress_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from jaxfer.errors import Preempted
+    from jaxfer.train.hostmem import reuse_host_memory
+
+    reuse_host_memory()  # before the first jax computation: no page faults on every step
 
     debug = "--debug" in argv
     try:
