@@ -22,8 +22,8 @@ time outside the matmuls goes to these two:
   ``dy * (Phi(x) + x * phi(x))`` from the saved input, so the forward pass writes
   one array, not two.
 
-Dropout stays flax's: an unrolled Threefry is faster on a CPU but its ~100 integer
-ops per element would count in XLA's flop estimate, which the benchmarks report.
+Dropout stays flax's ``nn.Dropout``; its bits are cheaper with
+``make_train_step(dropout_rng="hash")`` (:mod:`jaxfer.train.rng`).
 """
 
 from __future__ import annotations
