@@ -53,8 +53,8 @@ from jaxfer.train.state import TrainState
 
 PyTree = Any
 ApplyFn = Callable[..., tuple[dict, dict]]
+DROPOUT_RNGS = ("threefry", "hash")  # make_train_step(dropout_rng=...): jaxfer.train.rng
 # what Hugging Face style backbones take; anything else in a batch (label, mask) is not a model input
-DROPOUT_RNGS = ("threefry", "hash")
 DEFAULT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
                       "pixel_values", "input_values")
 _NOT_INPUTS = {"self", "train", "deterministic", "rngs", "mutable", "method"}
