@@ -168,6 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--buckets", default="", help="jax runs: training length buckets, e.g. 16,24,32,40,48 "
                    "(default: make_pipeline's 16 / 32 / 48)")
+    # jaxfer.train.rng.DROPOUT_RNGS, spelled out: the PyTorch way's process must not import jax
     p.add_argument("--dropout-rng", default="threefry", choices=("threefry", "hash"),
                    help="jax runs: make_train_step(dropout_rng=...)")
     p.add_argument("--reuse-host-memory", default="jax", choices=("jax", "all", "none"),

@@ -52,3 +52,5 @@ def test_repeated_call_and_switch(monkeypatch):
     monkeypatch.setattr(hostmem, "_glibc", lambda: None)
     monkeypatch.setenv(hostmem.ENV, "1")
     assert hostmem.reuse_host_memory() is False  # not glibc: nothing done
+    monkeypatch.setattr(hostmem, "_applied", True)
+    assert hostmem.reuse_host_memory() is True  # already in force: no second mallopt

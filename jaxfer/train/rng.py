@@ -9,8 +9,8 @@ threefry on the 2-word key) but whose bits are a counter hash, about a third of
 threefry's cost in XLA:CPU::
 
     bits(k, i) = h(h(i xor k0) + k1),    i = 0, 1, ..., n - 1 (the flat element index)
-    h(x) = m3(x * 0x7feb352d ...)        the "lowbias32" integer finaliser:
-           x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
+    h = the "lowbias32" integer finaliser (uint32 arithmetic, wrapping):
+        x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
 
 ``h`` is a bijection of uint32 with good avalanche, so a key's stream never repeats
 within 2**32 elements; two keys' streams are decorrelated by the two rounds and the
@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend import random as jex_random
 
-__all__ = ["HASH_IMPL", "dropout_key", "hash_bits"]
+__all__ = ["DROPOUT_RNGS", "HASH_IMPL", "dropout_key", "hash_bits"]
+
+DROPOUT_RNGS = ("threefry", "hash")  # make_train_step(dropout_rng=...)
 
 
 def _lowbias32(x: jax.Array) -> jax.Array:

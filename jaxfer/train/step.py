@@ -48,12 +48,11 @@ import optax
 from jaxfer import tree
 from jaxfer.models.heads import train_kwarg
 from jaxfer.train.losses import LossFn
-from jaxfer.train.rng import dropout_key
+from jaxfer.train.rng import DROPOUT_RNGS, dropout_key
 from jaxfer.train.state import TrainState
 
 PyTree = Any
 ApplyFn = Callable[..., tuple[dict, dict]]
-DROPOUT_RNGS = ("threefry", "hash")  # make_train_step(dropout_rng=...): jaxfer.train.rng
 # what Hugging Face style backbones take; anything else in a batch (label, mask) is not a model input
 DEFAULT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
                       "pixel_values", "input_values")
