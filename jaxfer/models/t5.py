@@ -45,6 +45,7 @@ import numpy as np
 from jaxfer.models import registry
 from jaxfer.models.common import (RMSNorm, activation, attend, cache_write, causal_bias, config_dict, empty_cache,
                                   merge_heads, padding_bias, split_heads)
+from jaxfer.models.fused import dense_dot_general
 from jaxfer.models.keymap import KeyRule, apply_key_map
 
 DEFAULTS = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=None,
@@ -99,6 +100,11 @@ def _normal(std: float):
     return nn.initializers.normal(std)
 
 
+def _dense(features: int, std: float, name: str | None = None) -> nn.Dense:
+    """T5's bias-free ``nn.Dense`` (HF init ``normal(std)``) on :func:`~jaxfer.models.fused.dense_dot_general`."""
+    return nn.Dense(features, use_bias=False, kernel_init=_normal(std), dot_general=dense_dot_general, name=name)
+
+
 class Attention(nn.Module):
     """HF's ``T5Attention``: ``q, k, v, o`` without bias, no ``1/sqrt(d)``; ``compute_bias``
     when this is block 0's self-attention."""
@@ -111,10 +117,10 @@ class Attention(nn.Module):
         c = self.c
         d, n, dkv, f = c["d_model"], c["num_heads"], c["d_kv"], c["initializer_factor"]
         inner = n * dkv
-        self.q = nn.Dense(inner, use_bias=False, kernel_init=_normal(f * (d * dkv) ** -0.5))
-        self.k = nn.Dense(inner, use_bias=False, kernel_init=_normal(f * d ** -0.5))
-        self.v = nn.Dense(inner, use_bias=False, kernel_init=_normal(f * d ** -0.5))
-        self.o = nn.Dense(d, use_bias=False, kernel_init=_normal(f * inner ** -0.5))
+        self.q = _dense(inner, f * (d * dkv) ** -0.5)
+        self.k = _dense(inner, f * d ** -0.5)
+        self.v = _dense(inner, f * d ** -0.5)
+        self.o = _dense(d, f * inner ** -0.5)
         if self.has_relative_bias:
             self.relative_attention_bias = nn.Embed(c["relative_attention_num_buckets"], n,
                                                     embedding_init=_normal(f * d ** -0.5))
@@ -181,11 +187,11 @@ class DenseReluDense(nn.Module):
     def __call__(self, x, deterministic: bool):
         c = self.c
         d, ff, f = c["d_model"], c["d_ff"], c["initializer_factor"]
-        wi = lambda name: nn.Dense(ff, use_bias=False, kernel_init=_normal(f * d ** -0.5), name=name)
+        wi = lambda name: _dense(ff, f * d ** -0.5, name=name)
         act = activation(c["act"])
         h = act(wi("wi_0")(x)) * wi("wi_1")(x) if c["gated"] else act(wi("wi")(x))
         h = nn.Dropout(c["dropout_rate"])(h, deterministic=deterministic)
-        return nn.Dense(d, use_bias=False, kernel_init=_normal(f * ff ** -0.5), name="wo")(h)
+        return _dense(d, f * ff ** -0.5, name="wo")(h)
 
 
 class LayerFF(nn.Module):
@@ -317,7 +323,7 @@ class T5Model(nn.Module):
         if not c["encoder_only"]:
             self.decoder = Stack(c, True, c["num_decoder_layers"])
             if not c["tied_head"]:
-                self.lm_head = nn.Dense(c["vocab_size"], use_bias=False, kernel_init=_normal(c["initializer_factor"]))
+                self.lm_head = _dense(c["vocab_size"], c["initializer_factor"])
 
     def encode(self, input_ids, attention_mask=None, *, train: bool = False, output_hidden_states: bool = False):
         input_ids = jnp.asarray(input_ids)
