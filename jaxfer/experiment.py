@@ -412,7 +412,7 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True, cache: bool = Fal
     state = strategy.place_state(state)
     kw = {"micro_batches": cfg.optim.get("accumulate", 1) or 1, "frozen_dropout": tcfg["frozen_dropout"],
           "adapted": _adapted(peft), "compute_dtype": compute_dtype,
-          "dropout_rng": cfg.train.get("dropout_rng") or "threefry"}
+          "dropout_rng": cfg.train.get("dropout_rng") or "hash"}
     train_loss = peft.train_loss(loss_fn)
     if phases:
         train_step = _phased_step(strategy, state, phases, optimizers, phase_masks, apply_fn, train_loss, kw)

@@ -74,13 +74,14 @@ def test_train_step_with_hash_dropout():
     params = model.init(jax.random.key(0), x)["params"]
     tx = optax.sgd(0.1)
     results = {}
-    for impl in ("threefry", "hash", "hash"):
-        step = make_train_step(linen_apply(model, ("x",)), losses.softmax_cross_entropy(), tx, dropout_rng=impl)
+    for impl in ("threefry", "hash", "hash", "default"):
+        kw = {} if impl == "default" else {"dropout_rng": impl}
+        step = make_train_step(linen_apply(model, ("x",)), losses.softmax_cross_entropy(), tx, **kw)
         state, metrics = step(TrainState.create(params, tx, rng=1), batch)
         assert jax.random.key_impl(state.rng) == jax.random.key_impl(jax.random.key(0))  # state keeps threefry
         assert np.isfinite(metrics["loss"])
         results.setdefault(impl, []).append(float(metrics["loss"]))
-    assert results["hash"][0] == results["hash"][1]  # deterministic
+    assert results["hash"][0] == results["hash"][1] == results["default"][0]  # deterministic; the default
     assert results["hash"][0] != results["threefry"][0]  # other masks
     with pytest.raises(ValueError, match="dropout_rng must be one of"):
         make_train_step(linen_apply(model, ("x",)), losses.softmax_cross_entropy(), tx, dropout_rng="philox")

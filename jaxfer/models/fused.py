@@ -37,8 +37,8 @@ on XLA:CPU much of the time outside the matmuls goes to these:
   same products up to float rounding. A MiniLM-size BERT training step
   (``benchmarks/steps.py``) went from ~540 to ~480 ms with it.
 
-Dropout stays flax's ``nn.Dropout``; its bits are cheaper with
-``make_train_step(dropout_rng="hash")`` (:mod:`jaxfer.train.rng`).
+Dropout stays flax's ``nn.Dropout``; ``make_train_step`` draws its bits from a
+counter hash by default (:mod:`jaxfer.train.rng`).
 """
 
 from __future__ import annotations

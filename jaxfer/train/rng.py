@@ -20,8 +20,9 @@ tested in ``tests/test_train_rng.py``). The bits are a pure function of the key 
 the element's flat index in the whole array.
 
 Use: :func:`dropout_key` turns a threefry key into a hash key with the same data,
-which ``make_train_step(dropout_rng="hash")`` does to the per-step key it passes as
-``rngs={"dropout": ...}``; ``state.rng`` and checkpoints keep the threefry key.
+which ``make_train_step`` does by default (``dropout_rng="hash"``; ``"threefry"``
+turns it off) to the per-step key it passes as ``rngs={"dropout": ...}``;
+``state.rng`` and checkpoints keep the threefry key.
 """
 
 from __future__ import annotations

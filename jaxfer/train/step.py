@@ -280,7 +280,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
                     lr_schedule: optax.Schedule | None = None, axis_name: str | None = None,
                     jit: bool = True, donate: bool = True, frozen_batch_norm: bool = True,
                     frozen_dropout: bool = True, adapted: Sequence[str] = (), skip_nonfinite: bool = True,
-                    compute_dtype: Any = None, dropout_rng: str = "threefry",
+                    compute_dtype: Any = None, dropout_rng: str = "hash",
                     state_sharding: Any = None, batch_sharding: Any = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)``.
@@ -314,10 +314,10 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
         params and float model inputs cast to it (mixed precision), while the
         params, their gradients and the optimizer state stay in their own dtype
         (float32 master weights); outputs are cast back to float32 for the loss.
-      dropout_rng: ``"threefry"`` (JAX's default) or ``"hash"``: the per-step dropout
-        key becomes a :data:`jaxfer.train.rng.HASH_IMPL` key with the same data, whose
-        bits are a counter hash (about 12% off a MiniLM-size CPU step); ``state.rng``
-        stays a threefry key either way.
+      dropout_rng: ``"hash"`` (the default): the per-step dropout key becomes a
+        :data:`jaxfer.train.rng.HASH_IMPL` key with the same data, whose bits are a
+        counter hash (about 10% off a MiniLM-size CPU step); ``"threefry"``: JAX's
+        default generator draws the masks. ``state.rng`` stays a threefry key either way.
       state_sharding / batch_sharding: ``in_shardings``/``out_shardings`` for ``jax.jit``.
 
     Gradients are taken only for the trainable partition. The optimizer still
