@@ -141,7 +141,8 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, pr
     """A ``dot_general`` for ``nn.Dense(dot_general=dense_dot_general)``: :func:`linear` for
     the contraction ``Dense`` does (last axis of the input with the kernel's first),
     ``jax.lax.dot_general`` for anything else."""
-    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or preferred_element_type is not None:
+    dense = jnp.ndim(rhs) == 2 and dimension_numbers == (((jnp.ndim(lhs) - 1,), (0,)), ((), ()))
+    if not dense or preferred_element_type is not None:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
     return linear(lhs, rhs, precision)
