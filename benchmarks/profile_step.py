@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="steps traced (after 2 untraced)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--seq", type=int, default=None, help="bert: tokens per example (default 64)")
-    p.add_argument("--dropout-rng", default="hash", choices=steps.DROPOUT_RNGS)
+    p.add_argument("--dropout-rng", default=steps.DEFAULT_DROPOUT_RNG, choices=steps.DROPOUT_RNGS)
     p.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="call jaxfer.reuse_host_memory() first, as the jaxfer command does")
     p.add_argument("--top", type=int, default=20)

@@ -44,7 +44,7 @@ import machine  # noqa: E402
 
 from jaxfer import masks, optim, tree  # noqa: E402
 from jaxfer.train import TrainState, linen_apply, losses, make_train_step  # noqa: E402
-from jaxfer.train.rng import DROPOUT_RNGS  # noqa: E402
+from jaxfer.train.rng import DEFAULT_DROPOUT_RNG, DROPOUT_RNGS  # noqa: E402
 from jaxfer.transfer import lora, prefix  # noqa: E402
 
 LR = 5e-5
@@ -56,7 +56,7 @@ class NotExact(RuntimeError):
 
 # ---------------------------------------------------------------------- jax
 def jax_step(case: families.Case, mode: str, dtype: str = "float32",
-             dropout_rng: str = "hash") -> harness.Runner:
+             dropout_rng: str = DEFAULT_DROPOUT_RNG) -> harness.Runner:
     variables = jax.jit(case.model.init)(jax.random.key(0), **case.init_inputs)
     params, model_state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     batch = dict(case.batch)
@@ -227,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-host-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="call jaxfer.reuse_host_memory() first (as the jaxfer command does); it holds for "
                    "the whole process, so for both frameworks")
-    p.add_argument("--dropout-rng", default="hash", choices=DROPOUT_RNGS,
+    p.add_argument("--dropout-rng", default=DEFAULT_DROPOUT_RNG, choices=DROPOUT_RNGS,
                    help="jaxfer's dropout bits (make_train_step(dropout_rng=...))")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"))

@@ -28,6 +28,7 @@ from jaxfer import data as data_lib
 from jaxfer.errors import ConfigError
 from jaxfer.train import checkpoint as checkpoint_lib
 from jaxfer.train import loop, parallel, runlog, step as step_lib
+from jaxfer.train.rng import DEFAULT_DROPOUT_RNG
 from jaxfer.train.state import TrainState, cast_frozen
 from jaxfer.transfer import caching
 from jaxfer.transfer import peft as peft_lib
@@ -412,7 +413,7 @@ def setup(cfg, workdir: str | None, *, with_data: bool = True, cache: bool = Fal
     state = strategy.place_state(state)
     kw = {"micro_batches": cfg.optim.get("accumulate", 1) or 1, "frozen_dropout": tcfg["frozen_dropout"],
           "adapted": _adapted(peft), "compute_dtype": compute_dtype,
-          "dropout_rng": cfg.train.get("dropout_rng") or "hash"}
+          "dropout_rng": cfg.train.get("dropout_rng") or DEFAULT_DROPOUT_RNG}
     train_loss = peft.train_loss(loss_fn)
     if phases:
         train_step = _phased_step(strategy, state, phases, optimizers, phase_masks, apply_fn, train_loss, kw)

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax.extend import random as jex_random
 
-__all__ = ["DROPOUT_RNGS", "HASH_IMPL", "dropout_key", "hash_bits"]
+__all__ = ["DEFAULT_DROPOUT_RNG", "DROPOUT_RNGS", "HASH_IMPL", "dropout_key", "hash_bits"]
 
 DROPOUT_RNGS = ("threefry", "hash")  # make_train_step(dropout_rng=...)
+DEFAULT_DROPOUT_RNG = "hash"
 
 
 def _lowbias32(x: jax.Array) -> jax.Array:

@@ -48,7 +48,7 @@ import optax
 from jaxfer import tree
 from jaxfer.models.heads import train_kwarg
 from jaxfer.train.losses import LossFn
-from jaxfer.train.rng import DROPOUT_RNGS, dropout_key
+from jaxfer.train.rng import DEFAULT_DROPOUT_RNG, DROPOUT_RNGS, dropout_key
 from jaxfer.train.state import TrainState
 
 PyTree = Any
@@ -280,7 +280,7 @@ def make_train_step(apply_fn: ApplyFn, loss_fn: LossFn, tx: optax.GradientTransf
                     lr_schedule: optax.Schedule | None = None, axis_name: str | None = None,
                     jit: bool = True, donate: bool = True, frozen_batch_norm: bool = True,
                     frozen_dropout: bool = True, adapted: Sequence[str] = (), skip_nonfinite: bool = True,
-                    compute_dtype: Any = None, dropout_rng: str = "hash",
+                    compute_dtype: Any = None, dropout_rng: str = DEFAULT_DROPOUT_RNG,
                     state_sharding: Any = None, batch_sharding: Any = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build ``step(state, batch) -> (state, metrics)``.
